@@ -1,0 +1,3 @@
+from lib_lightning.cli import main
+
+main()
