@@ -1,0 +1,294 @@
+"""Build LIB, PCA and neuron interaction graphs of any model from module names (spec §2–§4).
+
+Order of work: one pass over the data for the means and Gram matrices of every node layer; then, from
+the last section backwards, one pass per section for its integrated Jacobians. Each Jacobian chunk
+serves M′ (hence the LIB basis of the section's input layer) and the edges of every basis kind; the
+chunks are kept within a memory budget for the LIB edges (which need the basis just computed) and
+recomputed past it. Every dataset quantity is a sum plus a count, reduced by ``reduce`` (identity in one
+process, a sum across processes under DDP) and divided at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lib_lightning.core.basis import LayerBasis, identity_basis, lib_basis, neuron_basis, pca_basis, whiten
+from lib_lightning.core.capture import Forward, NodeLayer, capture, check_cut, check_order, default_forward
+from lib_lightning.core.integration import integration_rule
+from lib_lightning.core.jacobian import chunks, edges_update, integrated_jacobian, m_prime_update
+from lib_lightning.core.stats import ActivationStats, stats_update
+
+__all__ = ["InteractionGraph", "build_graphs", "save_graphs", "load_graphs", "analysis_mode", "KINDS"]
+
+KINDS = ("lib", "pca", "neuron")
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class InteractionGraph:
+    """Bases of every node layer and the edges between adjacent layers, for one basis kind.
+
+    Attributes:
+        kind: ``"lib"``, ``"pca"`` or ``"neuron"``.
+        layers: one :class:`LayerBasis` per node layer, input side first.
+        edges: ``edges[l]`` of shape ``(d_lib[l+1], d_lib[l])``, rows = output features (spec §4).
+        n_examples: number of examples the sums ran over.
+    """
+
+    kind: str
+    layers: tuple[LayerBasis, ...]
+    edges: tuple[torch.Tensor, ...]
+    n_examples: int
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    @property
+    def dims(self) -> list[int]:
+        return [layer.d_lib for layer in self.layers]
+
+    def to_state(self) -> dict[str, Any]:
+        """Plain tensors, strings and numbers only (``torch.load(weights_only=True)`` reads it)."""
+        return {
+            "kind": self.kind,
+            "n_examples": self.n_examples,
+            "layers": [
+                {f: getattr(layer, f) for f in ("name", "kind", "basis", "basis_pinv", "lambdas", "pca_eigenvalues", "has_constant")}
+                for layer in self.layers
+            ],
+            "edges": list(self.edges),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> InteractionGraph:
+        layers = tuple(LayerBasis(**layer) for layer in state["layers"])
+        return cls(state["kind"], layers, tuple(state["edges"]), int(state["n_examples"]))
+
+
+def save_graphs(graphs: dict[str, InteractionGraph], path: str | os.PathLike) -> None:
+    """Writes graphs atomically (temporary file in the same folder, then rename)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save({kind: g.to_state() for kind, g in graphs.items()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_graphs(path: str | os.PathLike) -> dict[str, InteractionGraph]:
+    """Reads graphs written by :func:`save_graphs` without unpickling arbitrary objects."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {kind: InteractionGraph.from_state(s) for kind, s in state.items()}
+
+
+@contextlib.contextmanager
+def analysis_mode(model: nn.Module, dtype: torch.dtype | None) -> Iterator[nn.Module]:
+    """Eval mode, parameters frozen and cast to ``dtype``; everything restored exactly on exit.
+
+    The original parameter and buffer tensors are put back (not copies), so the model, its optimizer
+    state and its gradients are untouched.
+    """
+    training = {m: m.training for m in model.modules()}
+    params = list(model.parameters())
+    requires_grad = [p.requires_grad for p in params]
+    tensors = params + list(model.buffers())
+    originals = [t.data for t in tensors]
+    try:
+        model.eval()
+        for p in params:
+            p.requires_grad_(False)
+        if dtype is not None:
+            for t in tensors:
+                if t.is_floating_point():
+                    t.data = t.data.to(dtype)
+        yield model
+    finally:
+        for t, data in zip(tensors, originals):
+            t.data = data
+        for p, flag in zip(params, requires_grad):
+            p.requires_grad_(flag)
+        for m, flag in training.items():
+            m.training = flag
+
+
+def _prepare(inputs: Any, dtype: torch.dtype | None) -> Any:
+    """Clones inputs out of inference mode and casts floating tensors to the analysis dtype."""
+    if isinstance(inputs, torch.Tensor):
+        out = inputs.clone()
+        return out.to(dtype) if dtype is not None and out.is_floating_point() else out
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(_prepare(v, dtype) for v in inputs)
+    if isinstance(inputs, dict):
+        return {k: _prepare(v, dtype) for k, v in inputs.items()}
+    return inputs
+
+
+def _validate(kinds, chunk_size, cache_bytes, batches) -> list[Any]:
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise ValueError(f"unknown basis kind(s) {bad or kinds}; valid choices: {KINDS}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if cache_bytes < 0:
+        raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
+    if iter(batches) is batches:
+        raise TypeError("batches must be re-iterable (a list or a DataLoader), not a one-shot iterator")
+    return batches
+
+
+def build_graphs(
+    model: nn.Module,
+    layers: Sequence[str | NodeLayer],
+    batches: Iterable[Any],
+    *,
+    kinds: Sequence[str] = ("lib", "pca"),
+    forward: Forward = default_forward,
+    rule: str = "gradient",
+    n_intervals: int = 0,
+    center: bool = True,
+    rotate_final: bool = False,
+    abs_threshold: float = 1e-12,
+    rel_threshold: float = 0.0,
+    max_features: int | None = None,
+    chunk_size: int = 256,
+    cache_bytes: int = 1 << 30,
+    dtype: torch.dtype | None = torch.float64,
+    check_cuts: bool = True,
+    reduce: Reduce | None = None,
+    progress: Progress | None = None,
+) -> dict[str, InteractionGraph]:
+    """Bases and edges of every requested kind, built from the last node layer backwards.
+
+    Args:
+        model: any ``nn.Module``; it is put in eval mode, frozen and cast to ``dtype`` for the analysis,
+            then restored exactly.
+        layers: node layers in forward order (module names, ``"name@-1"`` for positions, or NodeLayer).
+        batches: re-iterable batches of model inputs (each passed to ``forward(model, inputs)``).
+        kinds: any of ``"lib"``, ``"pca"``, ``"neuron"``.
+        rule, n_intervals: integration rule (see :mod:`lib_lightning.core.integration`).
+        center: centre activations (the constant direction becomes feature 0).
+        rotate_final: rotate the final node layer to its PCA basis (else keep it as is).
+        abs_threshold, rel_threshold: truncation of PCA eigenvalues and Lambdas: keep values above
+            ``abs_threshold`` and above ``rel_threshold`` × the layer's largest (constant excluded).
+        max_features: keep at most this many LIB features per layer (constant included); an error if a
+            layer's rank is smaller.
+        chunk_size: examples per Jacobian chunk; bounds the working memory.
+        cache_bytes: memory budget for keeping Jacobian chunks between the basis and the LIB edges
+            (0: always recompute; past the budget, chunks are recomputed).
+        dtype: analysis precision (float64 by default; sums are float64 whatever it is).
+        check_cuts: check on the first batch that each section is a cut and the layers are in order.
+        reduce: sum-reduction applied to every partial sum (across processes); identity by default.
+        progress: called as ``progress(phase, done, total)`` after each batch.
+
+    Edges are evaluated at the activation itself, which equals the reconstruction f C C⁺ of the
+    reference when truncation only drops directions without variance (spec §11).
+
+    Raises:
+        ValueError, KeyError, TypeError, CutError: on bad input, naming the value and the valid choices.
+    """
+    node_layers = [NodeLayer.parse(layer) for layer in layers]
+    if len(node_layers) < 2:
+        raise ValueError(f"need at least 2 node layers, got {len(node_layers)}")
+    batches = _validate(kinds, chunk_size, cache_bytes, batches)
+    int_rule = integration_rule(rule, n_intervals)
+    reduce = reduce or (lambda t: t)
+    report = progress or (lambda phase, done, total: None)
+    n_batches = len(batches) if hasattr(batches, "__len__") else 0
+    names = [layer.name for layer in node_layers]
+    with torch.inference_mode(False), analysis_mode(model, dtype):
+        # One pass: means and Gram matrices of every node layer.
+        stats: list[ActivationStats | None] = [None] * len(node_layers)
+        n_examples = 0
+        for b, inputs in enumerate(batches):
+            inputs = _prepare(inputs, dtype)
+            if b == 0 and check_cuts:
+                check_order(model, node_layers, inputs, forward)
+                for first, second in zip(node_layers[:-1], node_layers[1:]):
+                    check_cut(model, first, second, inputs, forward)
+            with torch.no_grad():
+                acts = capture(model, node_layers, inputs, forward)
+            for i, a in enumerate(acts):
+                if not torch.isfinite(a).all():
+                    raise ValueError(f"activations of node layer {names[i]!r} contain NaN or Inf (batch {b})")
+                part = stats_update(a)
+                stats[i] = part if stats[i] is None else stats[i] + part
+            n_examples += acts[0].shape[0]
+            report("statistics", b + 1, n_batches)
+        if stats[0] is None:
+            raise ValueError("the analysis dataset is empty: no batch was given")
+        stats = [s.reduce(reduce) for s in stats]
+        n_examples = int(reduce(torch.tensor(float(n_examples), dtype=torch.float64)).item())
+
+        whitenings = [whiten(s, center, abs_threshold, rel_threshold) for s in stats]
+        last = len(node_layers) - 1
+        final = (
+            pca_basis(names[last], whitenings[last])
+            if rotate_final
+            else identity_basis(names[last], stats[last], whitenings[last].all_eigenvalues)
+        )
+        bases: dict[str, list[LayerBasis | None]] = {}
+        for kind in kinds:
+            bases[kind] = [None] * len(node_layers)
+            bases[kind][last] = final if kind != "neuron" else identity_basis(names[last], stats[last], whitenings[last].all_eigenvalues)
+            for i in range(last):
+                if kind == "pca":
+                    bases[kind][i] = pca_basis(names[i], whitenings[i])
+                elif kind == "neuron":
+                    bases[kind][i] = neuron_basis(names[i], stats[i])
+        edges: dict[str, list[torch.Tensor | None]] = {kind: [None] * last for kind in kinds}
+
+        for sec in reversed(range(last)):
+            layer_in, layer_out = node_layers[sec], node_layers[sec + 1]
+            phase = f"jacobians {names[sec]} -> {names[sec + 1]}"
+
+            def jacobian(inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+                return integrated_jacobian(model, layer_in, layer_out, _prepare(inputs, dtype), int_rule, forward)
+
+            m_sum, count, cached_bytes = None, 0.0, 0
+            cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            sums: dict[str, torch.Tensor | None] = {kind: None for kind in kinds}
+            for c, inputs in enumerate(chunks(batches, chunk_size)):
+                acts, jac = jacobian(inputs)
+                count += acts.shape[0] * acts.shape[1]
+                if "lib" in kinds:
+                    part = m_prime_update(jac, bases["lib"][sec + 1])
+                    m_sum = part if m_sum is None else m_sum + part
+                    size = jac.numel() * jac.element_size() + acts.numel() * acts.element_size()
+                    if cached_bytes + size <= cache_bytes:
+                        cache[c] = (acts, jac)
+                        cached_bytes += size
+                for kind in kinds:
+                    if kind != "lib":
+                        part = edges_update(acts, jac, bases[kind][sec], bases[kind][sec + 1])
+                        sums[kind] = part if sums[kind] is None else sums[kind] + part
+                del acts, jac
+                report(phase, c + 1, 0)
+            count_t = reduce(torch.tensor(count, dtype=torch.float64))
+            if "lib" in kinds:
+                m_prime = reduce(m_sum) / count_t
+                bases["lib"][sec] = lib_basis(
+                    names[sec], whitenings[sec], m_prime, abs_threshold, rel_threshold, max_features=max_features
+                )
+                for c, inputs in enumerate(chunks(batches, chunk_size)):
+                    acts, jac = cache.pop(c) if c in cache else jacobian(inputs)
+                    part = edges_update(acts, jac, bases["lib"][sec], bases["lib"][sec + 1])
+                    sums["lib"] = part if sums["lib"] is None else sums["lib"] + part
+                    report(f"edges {names[sec]} -> {names[sec + 1]}", c + 1, 0)
+            for kind in kinds:
+                edges[kind][sec] = reduce(sums[kind]) / count_t
+    return {kind: InteractionGraph(kind, tuple(bases[kind]), tuple(edges[kind]), n_examples) for kind in kinds}
