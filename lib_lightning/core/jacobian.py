@@ -8,7 +8,7 @@ vmap over VJPs or jacrev, and memory stays at one chunk). The model must treat e
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -61,8 +61,12 @@ def integrated_jacobian(
     inputs: Any,
     rule: IntegrationRule,
     forward: Forward,
+    point: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The activation of ``layer_in`` and J̄ of the section, for one chunk.
+
+    ``point`` maps the captured activation to the point where the Jacobian is evaluated (for example
+    the reconstruction f C C⁺); by default the activation itself. The returned ``acts`` is that point.
 
     Returns:
         acts ``(batch, pos_in, d_in)`` and jac ``(batch, pos_out, d_out, pos_in, d_in)``.
@@ -72,6 +76,8 @@ def integrated_jacobian(
     """
     with torch.no_grad():
         (acts,) = capture(model, [layer_in], inputs, forward)
+        if point is not None:
+            acts = point(acts)
     if not torch.isfinite(acts).all():
         raise ValueError(f"activations of node layer {layer_in.name!r} contain NaN or Inf")
     jac = None

@@ -29,6 +29,7 @@ from lib_lightning.core.stats import ActivationStats, stats_update
 __all__ = ["InteractionGraph", "build_graphs", "save_graphs", "load_graphs", "analysis_mode", "KINDS"]
 
 KINDS = ("lib", "pca", "neuron")
+EDGE_POINTS = ("activation", "reconstruction")
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 Progress = Callable[[str, int, int], None]
 
@@ -138,7 +139,9 @@ def _prepare(inputs: Any, dtype: torch.dtype | None) -> Any:
     return inputs
 
 
-def _validate(kinds, chunk_size, cache_bytes, batches) -> list[Any]:
+def _validate(kinds, chunk_size, cache_bytes, edge_point, batches) -> list[Any]:
+    if edge_point not in EDGE_POINTS:
+        raise ValueError(f"unknown edge_point {edge_point!r}; valid choices: {EDGE_POINTS}")
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
         raise ValueError(f"unknown basis kind(s) {bad or kinds}; valid choices: {KINDS}")
@@ -165,6 +168,8 @@ def build_graphs(
     abs_threshold: float = 1e-12,
     rel_threshold: float = 0.0,
     max_features: int | None = None,
+    edge_point: str = "activation",
+    reuse_rtol: float = 1e-12,
     chunk_size: int = 256,
     cache_bytes: int = 1 << 30,
     dtype: torch.dtype | None = torch.float64,
@@ -187,6 +192,12 @@ def build_graphs(
             ``abs_threshold`` and above ``rel_threshold`` × the layer's largest (constant excluded).
         max_features: keep at most this many LIB features per layer (constant included); an error if a
             layer's rank is smaller.
+        edge_point: where the section is evaluated for the edges: ``"activation"`` (the activation
+            itself; the Jacobians of the basis pass are reused, one pass per section) or
+            ``"reconstruction"`` (f C C⁺ of the edge's basis, as the reference library does; Jacobians are
+            recomputed for chunks whose reconstruction differs from the activation by more than
+            ``reuse_rtol`` × the largest activation). The two agree when truncation only drops directions
+            without variance (spec §11).
         chunk_size: examples per Jacobian chunk; bounds the working memory.
         cache_bytes: memory budget for keeping Jacobian chunks between the basis and the LIB edges
             (0: always recompute; past the budget, chunks are recomputed).
@@ -195,16 +206,13 @@ def build_graphs(
         reduce: sum-reduction applied to every partial sum (across processes); identity by default.
         progress: called as ``progress(phase, done, total)`` after each batch.
 
-    Edges are evaluated at the activation itself, which equals the reconstruction f C C⁺ of the
-    reference when truncation only drops directions without variance (spec §11).
-
     Raises:
         ValueError, KeyError, TypeError, CutError: on bad input, naming the value and the valid choices.
     """
     node_layers = [NodeLayer.parse(layer) for layer in layers]
     if len(node_layers) < 2:
         raise ValueError(f"need at least 2 node layers, got {len(node_layers)}")
-    batches = _validate(kinds, chunk_size, cache_bytes, batches)
+    batches = _validate(kinds, chunk_size, cache_bytes, edge_point, batches)
     int_rule = integration_rule(rule, n_intervals)
     reduce = reduce or (lambda t: t)
     report = progress or (lambda phase, done, total: None)
@@ -256,26 +264,43 @@ def build_graphs(
             layer_in, layer_out = node_layers[sec], node_layers[sec + 1]
             phase = f"jacobians {names[sec]} -> {names[sec + 1]}"
 
-            def jacobian(inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-                return integrated_jacobian(model, layer_in, layer_out, _prepare(inputs, dtype), int_rule, forward)
+            def jacobian(inputs: Any, basis: LayerBasis | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                point = None if basis is None else (lambda a: basis.reconstruct(basis.transform(a)).to(a.dtype))
+                return integrated_jacobian(model, layer_in, layer_out, _prepare(inputs, dtype), int_rule, forward, point)
+
+            def reusable(basis: LayerBasis, acts: torch.Tensor) -> bool:
+                """Whether the Jacobian at the activation serves as the one at the chosen edge point."""
+                if edge_point == "activation":
+                    return True
+                rec = basis.reconstruct(basis.transform(acts))
+                return bool((rec - acts).abs().max() <= reuse_rtol * acts.abs().max())
 
             m_sum, count, cached_bytes = None, 0.0, 0
             cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
             sums: dict[str, torch.Tensor | None] = {kind: None for kind in kinds}
+            pending: dict[str, set[int]] = {kind: set() for kind in kinds}
+
+            def add(kind: str, acts: torch.Tensor, jac: torch.Tensor) -> None:
+                part = edges_update(acts, jac, bases[kind][sec], bases[kind][sec + 1])
+                sums[kind] = part if sums[kind] is None else sums[kind] + part
+
             for c, inputs in enumerate(chunks(batches, chunk_size)):
                 acts, jac = jacobian(inputs)
                 count += acts.shape[0] * acts.shape[1]
                 if "lib" in kinds:
                     part = m_prime_update(jac, bases["lib"][sec + 1])
                     m_sum = part if m_sum is None else m_sum + part
+                    pending["lib"].add(c)
                     size = jac.numel() * jac.element_size() + acts.numel() * acts.element_size()
                     if cached_bytes + size <= cache_bytes:
                         cache[c] = (acts, jac)
                         cached_bytes += size
                 for kind in kinds:
                     if kind != "lib":
-                        part = edges_update(acts, jac, bases[kind][sec], bases[kind][sec + 1])
-                        sums[kind] = part if sums[kind] is None else sums[kind] + part
+                        if reusable(bases[kind][sec], acts):
+                            add(kind, acts, jac)
+                        else:
+                            pending[kind].add(c)
                 del acts, jac
                 report(phase, c + 1, 0)
             count_t = reduce(torch.tensor(count, dtype=torch.float64))
@@ -284,10 +309,18 @@ def build_graphs(
                 bases["lib"][sec] = lib_basis(
                     names[sec], whitenings[sec], m_prime, abs_threshold, rel_threshold, max_features=max_features
                 )
+            if any(pending.values()):
                 for c, inputs in enumerate(chunks(batches, chunk_size)):
+                    todo = [kind for kind in kinds if c in pending[kind]]
+                    if not todo:
+                        continue
                     acts, jac = cache.pop(c) if c in cache else jacobian(inputs)
-                    part = edges_update(acts, jac, bases["lib"][sec], bases["lib"][sec + 1])
-                    sums["lib"] = part if sums["lib"] is None else sums["lib"] + part
+                    for kind in todo:
+                        if reusable(bases[kind][sec], acts):
+                            add(kind, acts, jac)
+                        else:
+                            add(kind, *jacobian(inputs, bases[kind][sec]))
+                    del acts, jac
                     report(f"edges {names[sec]} -> {names[sec + 1]}", c + 1, 0)
             for kind in kinds:
                 edges[kind][sec] = reduce(sums[kind]) / count_t

@@ -389,3 +389,21 @@ def test_relative_threshold_and_max_features(mlp_setup):
     assert cut.dims[1] - 1 <= int((lam > rel * lam.max()).sum())
     capped = build_graphs(model, LAYERS, [x], kinds=("lib",), max_features=3)["lib"]
     assert capped.dims[:-1] == [3, 3, 3]
+
+
+def test_edges_at_reconstruction_match_jacrev_when_truncation_drops_variance():
+    model, x = MLP(seed=8), mlp_inputs()
+    kwargs = dict(kinds=("lib", "pca"), rel_threshold=0.05)
+    recon = build_graphs(model, LAYERS, [x[:150], x[150:]], edge_point="reconstruction", chunk_size=64, cache_bytes=10**5, **kwargs)
+    at_act = build_graphs(model, LAYERS, [x], **kwargs)
+    with torch.no_grad():
+        acts = [a[:, 0] for a in capture(model, [NodeLayer(n) for n in LAYERS], x)]
+    differs = False
+    for kind in ("lib", "pca"):
+        g = recon[kind]
+        assert g.dims[1] < 7  # the relative threshold dropped directions that carry variance
+        for sec, section in enumerate(_sections(model)):
+            ref = _edges_ref(section, acts[sec], g.layers[sec], g.layers[sec + 1])
+            torch.testing.assert_close(g.edges[sec], ref, rtol=1e-9, atol=1e-14)
+            differs |= not torch.allclose(at_act[kind].edges[sec], ref, rtol=1e-6)
+    assert differs
