@@ -69,7 +69,8 @@ def integrated_jacobian(
     the reconstruction f C C⁺); by default the activation itself. The returned ``acts`` is that point.
 
     Returns:
-        acts ``(batch, pos_in, d_in)`` and jac ``(batch, pos_out, d_out, pos_in, d_in)``.
+        acts ``(batch, pos_in, d_in)`` and jac ``(batch, pos_in, pos_out, d_out, d_in)`` (the input position
+        leads, so that contractions over the output and input coordinates are plain matrix products).
 
     Raises:
         ValueError: if the activation or the Jacobian contains NaN or Inf.
@@ -78,7 +79,7 @@ def integrated_jacobian(
         (acts,) = capture(model, [layer_in], inputs, forward)
         if point is not None:
             acts = point(acts)
-    if not torch.isfinite(acts).all():
+    if not torch.isfinite(acts.sum()):  # one reduction: a NaN or Inf anywhere makes the sum non-finite
         raise ValueError(f"activations of node layer {layer_in.name!r} contain NaN or Inf")
     jac = None
     for alpha, weight in zip(rule.alphas.tolist(), rule.weights.tolist()):
@@ -91,9 +92,9 @@ def integrated_jacobian(
         for m in range(pos_out * d_out):
             (grad,) = torch.autograd.grad(flat[:, m].sum(), leaf, retain_graph=m + 1 < flat.shape[1], allow_unused=True)
             rows.append(torch.zeros_like(leaf) if grad is None else grad)
-        part = torch.stack(rows, dim=1).reshape(batch, pos_out, d_out, *acts.shape[1:])
+        part = torch.stack(rows, dim=2).reshape(batch, acts.shape[1], pos_out, d_out, acts.shape[2])
         jac = weight * part if jac is None else jac + weight * part
-    if not torch.isfinite(jac).all():
+    if not torch.isfinite(jac.sum()):
         raise ValueError(f"the Jacobian of section {layer_in.name!r} -> {layer_out.name!r} contains NaN or Inf")
     return acts, jac
 
@@ -104,9 +105,9 @@ def m_prime_update(jac: torch.Tensor, basis_out: LayerBasis) -> torch.Tensor:
     Returns ``(d_in + 1, d_in + 1)`` in float64; the constant coordinate's row and column are zero
     (the constant is not an input of the section).
     """
-    batch, pos_out, d_out, pos_in, d_in = jac.shape
+    batch, pos_in, pos_out, d_out, d_in = jac.shape
     c_out = basis_out.basis[:d_out].to(jac.dtype)  # (d_out, k_out); the constant row has no gradient
-    g = torch.einsum("btisd,ik->btksd", jac, c_out).reshape(-1, d_in).to(torch.float64)  # (rows, d_in)
+    g = torch.matmul(c_out.T, jac).reshape(-1, d_in).to(torch.float64)  # (batch*pos_in*pos_out*k_out, d_in)
     m = torch.zeros(d_in + 1, d_in + 1, dtype=torch.float64, device=jac.device)
     m[:d_in, :d_in] = g.T @ g
     return m
@@ -118,13 +119,13 @@ def edge_attributions(acts: torch.Tensor, jac: torch.Tensor, basis_in: LayerBasi
     A_{t,i,j}(x) = Σ_s [∂ĥ_{t,i}/∂f̂_{s,j}] f̂_{s,j}(x), with ∂ĥ/∂f̂ = (J̄ C^{l+1}) C⁺ᵀ; the α-sum is
     already inside J̄. The constant coordinate carries no gradient, so only C⁺'s first d columns enter.
     """
-    batch, pos_out, d_out, pos_in, d_in = jac.shape
+    batch, pos_in, pos_out, d_out, d_in = jac.shape
     jac = jac.to(torch.float64)
     f_hat = basis_in.transform(acts.to(torch.float64))  # (batch, pos_in, k_in)
     pinv = basis_in.basis_pinv[:, :d_in]  # (k_in, d_in)
-    grad_hat = torch.einsum("btisd,jd->btisj", jac, pinv)  # (batch, pos_out, d_out, pos_in, k_in)
-    a_raw = torch.einsum("btisj,bsj->btij", grad_hat, f_hat)  # (batch, pos_out, d_out, k_in)
-    return torch.einsum("btij,ik->btkj", a_raw, basis_out.basis[:d_out])  # (batch, pos_out, k_out, k_in)
+    grad_hat = torch.matmul(jac, pinv.T)  # (batch, pos_in, pos_out, d_out, k_in)
+    a_raw = (grad_hat * f_hat[:, :, None, None, :]).sum(1)  # (batch, pos_out, d_out, k_in)
+    return torch.matmul(basis_out.basis[:d_out].T, a_raw)  # (batch, pos_out, k_out, k_in)
 
 
 def edges_update(acts: torch.Tensor, jac: torch.Tensor, basis_in: LayerBasis, basis_out: LayerBasis) -> torch.Tensor:
