@@ -120,6 +120,15 @@ class ModularAdditionDataModule(L.LightningDataModule):
     def val_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.tokens[self.val_idx], self.labels[self.val_idx]
 
+    def analysis_inputs(self, split: str = "train", size: int = 1000, seed: int = 0) -> torch.Tensor:
+        """A fixed, seeded subset of ``size`` inputs of a split (all of it when smaller), for analyses."""
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        tokens = self.train_tensors[0] if split == "train" else self.val_tensors[0]
+        if size >= len(tokens):
+            return tokens
+        return tokens[torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed))[:size]]
+
     def _loader(self, tensors: tuple[torch.Tensor, torch.Tensor], batch_size: int | None, shuffle: bool, repeats=1):
         tokens, labels = tensors
         dataset = _Batches(tokens, labels, batch_size or len(labels), shuffle, self.seed, self._current_epoch, repeats)

@@ -1,0 +1,429 @@
+"""LIB analysis during training: bases, edges, degeneracy, sparsity, modularity and basis evolution.
+
+A thin callback: it decides when, builds a fixed analysis set, asks ``lib_lightning.core`` to compute,
+reduces across processes, and logs (rank zero only). Attach it to any LightningModule by naming its
+modules (paths relative to the LightningModule, as in ``pl_module.named_modules()``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lib_lightning.core.capture import NodeLayer, capture, default_forward, resolve_modules
+from lib_lightning.core.degeneracy import coactivation_groups, coactivation_signature_update
+from lib_lightning.core.integration import integration_rule
+from lib_lightning.core.lib import KINDS, build_graphs, save_graphs
+from lib_lightning.core.summary import Snapshot, SummaryOptions, short_names, spectrum, summarise
+
+__all__ = ["LIBAnalysis", "import_callable"]
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+_SPLITS = ("train", "val")
+
+
+def import_callable(path: str | Callable | None) -> Callable | None:
+    """``"package.module:function"`` -> the function (callables and None pass through)."""
+    if path is None or callable(path):
+        return path
+    module, _, name = path.partition(":")
+    if not name:
+        raise ValueError(f"expected an import path 'package.module:function', got {path!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def default_batch_inputs(batch: Any) -> Any:
+    """The model inputs of a batch: its first element for ``(inputs, labels)`` tuples."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+@contextlib.contextmanager
+def _preserved_rng() -> Any:
+    """Restores the torch, numpy and Python RNG states: the analysis must not change training."""
+    py, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        yield
+    random.setstate(py)
+    np.random.set_state(np_state)
+
+
+@contextlib.contextmanager
+def _num_threads(threads: int | None) -> Any:
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    folder = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class LIBAnalysis(Callback):
+    """Builds LIB (and PCA / neuron baselines) on a fixed analysis set on a schedule and logs what it finds.
+
+    Args:
+        layers: node layers in forward order: module paths relative to the LightningModule, optionally
+            ``"path@-1"`` for positions or ``"path[in]"`` for the module's input.
+        kinds: basis kinds, any of ``"lib"``, ``"pca"``, ``"neuron"``.
+        every_n_steps / every_n_epochs / log_steps: the schedule; give exactly one. ``log_steps=n`` spreads
+            n analyses log-uniformly over the run's steps (dense early).
+        at_start: also analyse before the first step (step 0).
+        split: ``"train"`` or ``"val"``: where the analysis set comes from.
+        size: number of examples in the analysis set (a fixed subset, drawn once).
+        seed: seed of the subset.
+        batch_size: examples per forward pass of the analysis.
+        forward: ``"pkg.module:function"`` called as ``function(pl_module, inputs)``; default
+            ``pl_module(inputs)``.
+        batch_inputs: ``"pkg.module:function"`` mapping a dataloader batch to model inputs; default the
+            first element of a tuple batch.
+        rule, n_intervals, center, rotate_final, abs_threshold, rel_threshold, edge_point: see
+            :func:`lib_lightning.core.lib.build_graphs` (thresholds there truncate the bases).
+        dim_abs_threshold, dim_rel_threshold: thresholds of the logged kept-dimension counts.
+        sparsity, modularity, evolution: turn each part of the metrics on or off.
+        weighting, resolution: modularity graph weighting (``"log"``, ``"sqrt"``, ``"normalized"``) and
+            Louvain resolution.
+        relu_layers: modules whose outputs are ReLU activations, for the co-firing degeneracy counts.
+        images, histograms, save: TensorBoard figures, log-Lambda histograms, and analyses on disk.
+        dtype: ``"float64"`` (exact) or ``"float32"`` (about 2× faster Jacobians; sums stay float64).
+        chunk_size, cache_mb: Jacobian chunk size and cache budget (memory bounds).
+        threads: torch threads during the analysis (default: unchanged).
+        name: distinguishes several instances in checkpoints (default: derived from the arguments).
+
+    Raises:
+        ValueError: for any argument outside its valid range, naming it and the valid choices.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[str],
+        kinds: Sequence[str] = ("lib", "pca"),
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        log_steps: int | None = None,
+        at_start: bool = True,
+        split: str = "train",
+        size: int = 1000,
+        seed: int = 0,
+        batch_size: int = 1024,
+        forward: str | Callable | None = None,
+        batch_inputs: str | Callable | None = None,
+        rule: str = "gradient",
+        n_intervals: int = 0,
+        center: bool = True,
+        rotate_final: bool = False,
+        abs_threshold: float = 1e-12,
+        rel_threshold: float = 0.0,
+        edge_point: str = "activation",
+        dim_abs_threshold: float = 1e-10,
+        dim_rel_threshold: float = 1e-3,
+        sparsity: bool = True,
+        modularity: bool = True,
+        evolution: bool = True,
+        weighting: str = "log",
+        resolution: float = 1.0,
+        relu_layers: Sequence[str] = (),
+        images: bool = True,
+        histograms: bool = True,
+        save: bool = True,
+        dtype: str = "float64",
+        chunk_size: int = 256,
+        cache_mb: int = 512,
+        threads: int | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.layers = [NodeLayer.parse(layer) for layer in layers]
+        if len(self.layers) < 2:
+            raise ValueError(f"layers needs at least 2 node layers, got {list(layers)}")
+        self.kinds = tuple(kinds)
+        bad = [k for k in self.kinds if k not in KINDS]
+        if bad or not self.kinds:
+            raise ValueError(f"unknown basis kind(s) {bad or list(kinds)}; valid choices: {KINDS}")
+        schedules = {"every_n_steps": every_n_steps, "every_n_epochs": every_n_epochs, "log_steps": log_steps}
+        given = {k: v for k, v in schedules.items() if v is not None}
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of every_n_steps, every_n_epochs, log_steps; got {given or 'none'}")
+        (self.schedule, self.every), = given.items()
+        if self.every < 1:
+            raise ValueError(f"{self.schedule} must be >= 1, got {self.every}")
+        if split not in _SPLITS:
+            raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+        if size < 2:
+            raise ValueError(f"size must be >= 2 (the analysis needs at least two examples), got {size}")
+        for arg, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
+            if value < 1:
+                raise ValueError(f"{arg} must be >= 1, got {value}")
+        if cache_mb < 0:
+            raise ValueError(f"cache_mb must be >= 0, got {cache_mb}")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1 or None, got {threads}")
+        integration_rule(rule, n_intervals)  # validates the rule
+        self.options = SummaryOptions(
+            abs_threshold=dim_abs_threshold, rel_threshold=dim_rel_threshold, sparsity=sparsity,
+            modularity=modularity, evolution=evolution, weighting=weighting, resolution=resolution,
+        )
+        self.at_start, self.split, self.size, self.seed, self.batch_size = at_start, split, size, seed, batch_size
+        self.forward = import_callable(forward) or default_forward
+        self.batch_inputs = import_callable(batch_inputs) or default_batch_inputs
+        self.build_kwargs = dict(
+            kinds=self.kinds, rule=rule, n_intervals=n_intervals, center=center, rotate_final=rotate_final,
+            abs_threshold=abs_threshold, rel_threshold=rel_threshold, edge_point=edge_point,
+            chunk_size=chunk_size, cache_bytes=cache_mb << 20, dtype=_DTYPES[dtype],
+        )
+        self.relu_layers = [NodeLayer.parse(layer) for layer in relu_layers]
+        self.images, self.histograms, self.save = images, histograms, save
+        self.threads, self.name = threads, name
+        # state that survives a resume
+        self.history: list[dict[str, Any]] = []
+        self.snapshot: Snapshot | None = None
+        self.skipped = 0
+        self._planned: list[int] = []
+        self._inputs: Any = None
+        self._warned_images = False
+
+    # ----------------------------------------------------------------- identity, state, schedule
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            name=self.name, layers=[layer.name for layer in self.layers], kinds=list(self.kinds),
+            schedule=f"{self.schedule}={self.every}", split=self.split, size=self.size, seed=self.seed,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": self.history,
+            "snapshot": self.snapshot.to_state() if self.snapshot is not None else None,
+            "skipped": self.skipped,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+        snapshot = state_dict.get("snapshot")
+        self.snapshot = Snapshot.from_state(snapshot) if snapshot else None
+        self.skipped = int(state_dict.get("skipped", 0))
+
+    @property
+    def analysed_steps(self) -> list[int]:
+        return [entry["step"] for entry in self.history]
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        resolve_modules(pl_module, self.layers + self.relu_layers)  # unknown names list the available ones
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.schedule == "log_steps":
+            total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
+            if not math.isfinite(total) or total < 1:
+                raise ValueError("log_steps needs a finite run length: set trainer.max_steps or max_epochs")
+            steps = np.unique(np.round(np.geomspace(1, int(total), self.every)).astype(int))
+            self._planned = [int(s) for s in steps]
+        if self.at_start:
+            self._maybe_analyse(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        due = (self.schedule == "every_n_steps" and step % self.every == 0) or (
+            self.schedule == "log_steps" and step in self._planned
+        )
+        if due:
+            self._maybe_analyse(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.schedule == "every_n_epochs" and (trainer.current_epoch + 1) % self.every == 0:
+            self._maybe_analyse(trainer, pl_module)
+
+    # ----------------------------------------------------------------- the analysis
+    def analysis_inputs(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
+        """The fixed analysis set (model inputs, on CPU), drawn once per fit.
+
+        A datamodule with ``analysis_inputs(split, size, seed)`` provides it; otherwise the first ``size``
+        examples of the split's dataloader are taken.
+        """
+        if self._inputs is not None:
+            return self._inputs
+        source = trainer.datamodule if trainer.datamodule is not None else pl_module
+        if hasattr(source, "analysis_inputs"):
+            inputs = source.analysis_inputs(self.split, self.size, self.seed)
+        else:
+            loader = getattr(source, f"{self.split}_dataloader")()
+            parts, n = [], 0
+            for batch in loader:
+                x = self.batch_inputs(batch)
+                parts.append(x)
+                n += len(x)
+                if n >= self.size:
+                    break
+            if not parts:
+                raise ValueError(f"the {self.split} dataloader is empty: no analysis set")
+            inputs = torch.cat(parts)[: self.size]
+        if len(inputs) < 2:
+            raise ValueError(f"the analysis set has {len(inputs)} example(s); need at least 2 ({self.split} split)")
+        self._inputs = inputs
+        return inputs
+
+    def _shard(self, trainer: L.Trainer, inputs: torch.Tensor, device: torch.device) -> tuple[list, torch.Tensor]:
+        """This rank's examples (rank::world_size, no padding) in batches, and their global indices."""
+        index = torch.arange(len(inputs))[trainer.global_rank :: trainer.world_size]
+        shard = inputs[index].to(device)
+        return [shard[i : i + self.batch_size] for i in range(0, len(shard), self.batch_size)], index
+
+    def _reduce(self, trainer: L.Trainer) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        if trainer.world_size == 1:
+            return None
+        return lambda t: trainer.strategy.reduce(t.clone(), reduce_op="sum")
+
+    def _maybe_analyse(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if trainer.sanity_checking or step in self.analysed_steps:
+            return
+        with _preserved_rng(), _num_threads(self.threads), torch.inference_mode(False), torch.enable_grad():
+            self._analyse(trainer, pl_module, step)
+
+    def _analyse(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        start = time.perf_counter()
+        folder = self._folder(trainer)  # trainer.log_dir broadcasts: every rank must ask
+        inputs = self.analysis_inputs(trainer, pl_module)
+        batches, index = self._shard(trainer, inputs, pl_module.device)
+        reduce = self._reduce(trainer) or (lambda t: t)
+        # Every rank learns whether any rank saw a NaN before the collectives of the analysis start.
+        bad = torch.tensor(0.0 if self._finite(pl_module, batches) else 1.0, device=pl_module.device)
+        if reduce(bad).item() > 0:
+            self.skipped += 1
+            rank_zero_warn(f"LIB analysis at step {step} skipped: NaN or Inf in the activations of {self._names}")
+            self._log(trainer, {"lib/skipped": float(self.skipped)}, step)
+            return
+        graphs = build_graphs(
+            pl_module, self.layers, batches, forward=self.forward, reduce=self._reduce(trainer), **self.build_kwargs
+        )
+        built = time.perf_counter()
+        summary = summarise(graphs, self.options, self.snapshot)
+        metrics = dict(summary.metrics)
+        metrics.update(self._relu_metrics(pl_module, batches, index, reduce))
+        summarised = time.perf_counter()
+        metrics["lib/skipped"] = float(self.skipped)
+        metrics["lib/time/build_s"] = built - start
+        metrics["lib/time/summary_s"] = summarised - built
+        self.snapshot = summary.snapshot
+        self.history.append({"step": step, "metrics": metrics})
+        if trainer.is_global_zero:
+            self._log(trainer, metrics, step)
+            self._log_extras(trainer, graphs, summary, step)
+            if self.save:
+                self._save(folder, graphs, metrics, step)
+            rank_zero_info(self._one_line(step, metrics, time.perf_counter() - start))
+
+    @property
+    def _names(self) -> list[str]:
+        return short_names([layer.name for layer in self.layers])
+
+    def _finite(self, pl_module: L.LightningModule, batches: list) -> bool:
+        with torch.no_grad():
+            for inputs in batches:
+                acts = capture(pl_module, self.layers, inputs, self.forward)
+                if not all(torch.isfinite(a.sum()) for a in acts):
+                    return False
+        return True
+
+    def _relu_metrics(self, pl_module, batches, index, reduce) -> dict[str, float]:
+        if not self.relu_layers:
+            return {}
+        out: dict[str, float] = {}
+        names = short_names([layer.name for layer in self.relu_layers])
+        sums: list[list[torch.Tensor]] = [[] for _ in self.relu_layers]
+        offset = 0
+        with torch.no_grad():
+            for inputs in batches:
+                acts = capture(pl_module, self.relu_layers, inputs, self.forward)
+                ids = index[offset : offset + len(inputs)]
+                offset += len(inputs)
+                for i, a in enumerate(acts):
+                    active = (a > 0).reshape(a.shape[0], -1).cpu()  # (batch, pos * d)
+                    sig, count = coactivation_signature_update(active, ids, self.seed)
+                    sums[i] = [sig, count] if not sums[i] else [sums[i][0] + sig, sums[i][1] + count]
+        n = int(reduce(torch.tensor(float(len(index)), dtype=torch.float64, device=pl_module.device)).item())
+        for name, (sig, count) in zip(names, sums):
+            sig = reduce(sig.to(pl_module.device)).cpu()
+            count = reduce(count.to(pl_module.device)).cpu()
+            groups = coactivation_groups(sig, count, n)
+            for key in ("n_dead", "n_always", "n_groups", "n_redundant", "largest_group"):
+                out[f"relu/{name}/{key}"] = float(getattr(groups, key))
+        return out
+
+    # ----------------------------------------------------------------- logging and files (rank zero)
+    def _log(self, trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+
+    def _tensorboards(self, trainer: L.Trainer) -> list:
+        writers = [getattr(lg, "experiment", None) for lg in trainer.loggers]
+        usable = [w for w in writers if hasattr(w, "add_image") and hasattr(w, "add_histogram")]
+        if not usable and (self.images or self.histograms) and trainer.loggers and not self._warned_images:
+            self._warned_images = True
+            rank_zero_warn("LIBAnalysis: no logger can take images or histograms (TensorBoard can); logging scalars only")
+        return usable
+
+    def _log_extras(self, trainer, graphs, summary, step: int) -> None:
+        writers = self._tensorboards(trainer)
+        if not writers:
+            return
+        from lib_lightning.plotting import figure_to_array, plot_interaction_graph, plot_spectra
+
+        names = self._names
+        spectra = {}
+        for i, name in enumerate(names):
+            per_kind = {k: spectrum(g.layers[i]) for k, g in graphs.items() if g.layers[i].kind != "identity"}
+            if per_kind:
+                spectra[name] = per_kind
+        images = {}
+        if self.images:
+            images["lib/spectra"] = figure_to_array(plot_spectra(spectra, title=f"step {step}"))
+            if summary.graph is not None and summary.graph.number_of_edges():
+                images["graph/interaction"] = figure_to_array(plot_interaction_graph(summary.graph, summary.communities))
+        text = "\n".join(f"- {k}: {v:.4g}" for k, v in sorted(summary.metrics.items()) if "/dim_" in k or k.startswith("graph/"))
+        for writer in writers:
+            if self.histograms:
+                for name, per_kind in spectra.items():
+                    for kind, lam in per_kind.items():
+                        if lam.numel():
+                            writer.add_histogram(f"{kind}/{name}/log10_lambda", torch.log10(lam.clamp_min(1e-30)), step)
+            for tag, image in images.items():
+                writer.add_image(tag, image, step, dataformats="HWC")
+            writer.add_text("lib/summary", text, step)
+
+    def _folder(self, trainer: L.Trainer) -> str:
+        root = trainer.log_dir or trainer.default_root_dir
+        return os.path.join(root, "lib" if self.name is None else f"lib_{self.name}")
+
+    def _save(self, folder: str, graphs, metrics: dict[str, float], step: int) -> None:
+        os.makedirs(folder, exist_ok=True)
+        save_graphs(graphs, os.path.join(folder, f"step_{step:08d}.pt"))
+        _atomic_write_text(os.path.join(folder, f"step_{step:08d}.json"), json.dumps({"step": step, "metrics": metrics}, indent=1))
+
+    def _one_line(self, step: int, metrics: dict[str, float], seconds: float) -> str:
+        dims = " ".join(f"{n}={int(metrics.get(f'lib/{n}/dim_rel', -1))}" for n in self._names if f"lib/{n}/dim_rel" in metrics)
+        q = metrics.get("graph/modularity")
+        return f"LIB step {step}: dim_rel {dims}" + (f", modularity {q:.3f}" if q is not None else "") + f" ({seconds:.1f} s)"
