@@ -315,8 +315,18 @@ class LIBAnalysis(Callback):
             rank_zero_warn(f"LIB analysis at step {step} skipped: NaN or Inf in the activations of {self._names}")
             self._log(trainer, {"lib/skipped": float(self.skipped)}, step)
             return
+        phases: dict[str, float] = {}
+        clock = [time.perf_counter()]
+
+        def progress(phase: str, done: int, total: int) -> None:
+            now = time.perf_counter()
+            key = f"lib/time/{phase.split(' ')[0]}_s"
+            phases[key] = phases.get(key, 0.0) + now - clock[0]
+            clock[0] = now
+
         graphs = build_graphs(
-            pl_module, self.layers, batches, forward=self.forward, reduce=self._reduce(trainer), **self.build_kwargs
+            pl_module, self.layers, batches, forward=self.forward, reduce=self._reduce(trainer), progress=progress,
+            **self.build_kwargs,
         )
         built = time.perf_counter()
         summary = summarise(graphs, self.options, self.snapshot)
@@ -325,6 +335,7 @@ class LIBAnalysis(Callback):
         summarised = time.perf_counter()
         metrics["lib/skipped"] = float(self.skipped)
         metrics["lib/time/build_s"] = built - start
+        metrics.update(phases)
         metrics["lib/time/summary_s"] = summarised - built
         self.snapshot = summary.snapshot
         self.history.append({"step": step, "metrics": metrics})
@@ -333,7 +344,8 @@ class LIBAnalysis(Callback):
             self._log_extras(trainer, graphs, summary, step)
             if self.save:
                 self._save(folder, graphs, metrics, step)
-            rank_zero_info(self._one_line(step, metrics, time.perf_counter() - start))
+        self.history[-1]["seconds"] = time.perf_counter() - start
+        rank_zero_info(self._one_line(step, metrics, self.history[-1]["seconds"]))
 
     @property
     def _names(self) -> list[str]:

@@ -1,0 +1,18 @@
+"""The numerical core: pure PyTorch (and networkx for graphs), no Lightning."""
+
+from lib_lightning.core.basis import LayerBasis
+from lib_lightning.core.capture import CutError, NodeLayer
+from lib_lightning.core.lib import InteractionGraph, build_graphs, load_graphs, save_graphs
+from lib_lightning.core.summary import SummaryOptions, summarise
+
+__all__ = [
+    "CutError",
+    "InteractionGraph",
+    "LayerBasis",
+    "NodeLayer",
+    "SummaryOptions",
+    "build_graphs",
+    "load_graphs",
+    "save_graphs",
+    "summarise",
+]
