@@ -40,7 +40,7 @@ def _child(config: str, out: str) -> None:
                 first_099.append(trainer.global_step)
 
     start = time.perf_counter()
-    cli = main(["fit", "--config", config, "--trainer.enable_progress_bar", "false"], run=False)
+    cli = main(["--config", config, "--trainer.enable_progress_bar", "false"], run=False)
     cli.trainer.callbacks.append(ValAcc())
     cli.trainer.fit(cli.model, cli.datamodule)
     wall = time.perf_counter() - start
@@ -92,8 +92,9 @@ def main() -> None:
     print("\n| variant | median wall s | runs (s) | analyses | first step val/acc >= 0.99 |")
     print("|---|---|---|---|---|")
     for name, runs in results.items():
-        print(f"| {name} | {walls[name]:.1f} | {', '.join(f'{x['wall_s']:.1f}' for x in runs)} | {runs[0]['analyses']} | "
-              f"{', '.join(str(x['first_val_acc_099']) for x in runs)} |")
+        times = ", ".join(f"{x['wall_s']:.1f}" for x in runs)
+        steps = ", ".join(str(x["first_val_acc_099"]) for x in runs)
+        print(f"| {name} | {walls[name]:.1f} | {times} | {runs[0]['analyses']} | {steps} |")
     print(f"\noverhead: {walls['with callbacks'] / walls['without callbacks'] - 1:+.1%}")
     timing = results["with callbacks"][-1]["timing"]
     print("callback time in the last run with callbacks (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timing.items()))

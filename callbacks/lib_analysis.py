@@ -33,7 +33,7 @@ from lib_lightning.core.summary import Snapshot, SummaryOptions, short_names, sp
 __all__ = ["LIBAnalysis", "import_callable"]
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
-_SPLITS = ("train", "val")
+_SPLITS = ("train", "val", "test")
 
 
 def import_callable(path: str | Callable | None) -> Callable | None:
@@ -90,7 +90,7 @@ class LIBAnalysis(Callback):
         every_n_steps / every_n_epochs / log_steps: the schedule; give exactly one. ``log_steps=n`` spreads
             n analyses log-uniformly over the run's steps (dense early).
         at_start: also analyse before the first step (step 0).
-        split: ``"train"`` or ``"val"``: where the analysis set comes from.
+        split: ``"train"``, ``"val"`` or ``"test"``: where the analysis set comes from.
         size: number of examples in the analysis set (a fixed subset, drawn once).
         seed: seed of the subset.
         batch_size: examples per forward pass of the analysis.

@@ -253,6 +253,10 @@ class CIFAR10DataModule(L.LightningDataModule):
         idx = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n].sort().values
         return normalise(images[idx]), labels[idx]
 
+    def analysis_inputs(self, split: str = "test", size: int = 2000, seed: int = 0) -> torch.Tensor:
+        """The LIB callbacks' analysis set: the images of :meth:`analysis_tensors` (all of a smaller split)."""
+        return self.analysis_tensors(min(size, len(self.tensors(split)[1])), split, seed)[0]
+
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         images, labels = self.tensors(split)
         dataset = _NormalisedBatches(images, labels, batch_size, shuffle, self.seed, self._current_epoch)

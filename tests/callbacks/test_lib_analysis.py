@@ -194,7 +194,7 @@ def test_two_process_ddp_gives_the_same_graphs_as_one_process(tmp_path):
         ({"every_n_steps": 5, "every_n_epochs": 1}, "give exactly one of"),
         ({"every_n_steps": 5, "kinds": ["lib", "ica"]}, r"unknown basis kind\(s\) \['ica'\]"),
         ({"every_n_steps": 5, "size": 1}, "size must be >= 2"),
-        ({"every_n_steps": 5, "split": "test"}, r"split must be one of \('train', 'val'\), got 'test'"),
+        ({"every_n_steps": 5, "split": "holdout"}, r"split must be one of \('train', 'val', 'test'\), got 'holdout'"),
         ({"every_n_steps": 5, "dtype": "float16"}, r"dtype must be one of \('float64', 'float32'\)"),
         ({"every_n_steps": 5, "rule": "simpson"}, "unknown integration rule 'simpson'"),
         ({"every_n_steps": 5, "forward": "no_colon"}, "expected an import path"),
