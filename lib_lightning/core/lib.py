@@ -264,9 +264,12 @@ def build_graphs(
             layer_in, layer_out = node_layers[sec], node_layers[sec + 1]
             phase = f"jacobians {names[sec]} -> {names[sec + 1]}"
 
-            def jacobian(inputs: Any, basis: LayerBasis | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            def jacobian(inputs: Any, c: int, basis: LayerBasis | None = None) -> tuple[torch.Tensor, torch.Tensor]:
                 point = None if basis is None else (lambda a: basis.reconstruct(basis.transform(a)).to(a.dtype))
-                return integrated_jacobian(model, layer_in, layer_out, _prepare(inputs, dtype), int_rule, forward, point)
+                try:
+                    return integrated_jacobian(model, layer_in, layer_out, _prepare(inputs, dtype), int_rule, forward, point)
+                except ValueError as err:
+                    raise ValueError(f"{err} (chunk {c} of {chunk_size} examples)") from err
 
             def reusable(basis: LayerBasis, acts: torch.Tensor) -> bool:
                 """Whether the Jacobian at the activation serves as the one at the chosen edge point."""
@@ -285,7 +288,7 @@ def build_graphs(
                 sums[kind] = part if sums[kind] is None else sums[kind] + part
 
             for c, inputs in enumerate(chunks(batches, chunk_size)):
-                acts, jac = jacobian(inputs)
+                acts, jac = jacobian(inputs, c)
                 count += acts.shape[0] * acts.shape[1]
                 if "lib" in kinds:
                     part = m_prime_update(jac, bases["lib"][sec + 1])
@@ -314,12 +317,12 @@ def build_graphs(
                     todo = [kind for kind in kinds if c in pending[kind]]
                     if not todo:
                         continue
-                    acts, jac = cache.pop(c) if c in cache else jacobian(inputs)
+                    acts, jac = cache.pop(c) if c in cache else jacobian(inputs, c)
                     for kind in todo:
                         if reusable(bases[kind][sec], acts):
                             add(kind, acts, jac)
                         else:
-                            add(kind, *jacobian(inputs, bases[kind][sec]))
+                            add(kind, *jacobian(inputs, c, bases[kind][sec]))
                     del acts, jac
                     report(f"edges {names[sec]} -> {names[sec + 1]}", c + 1, 0)
             for kind in kinds:
