@@ -268,7 +268,7 @@ class LIBAnalysis(Callback):
         if hasattr(source, "analysis_inputs"):
             inputs = source.analysis_inputs(self.split, self.size, self.seed)
         else:
-            loader = getattr(source, f"{self.split}_dataloader")()
+            loader = self._loader(trainer, source)
             parts, n = [], 0
             for batch in loader:
                 x = self.batch_inputs(batch)
@@ -283,6 +283,20 @@ class LIBAnalysis(Callback):
             raise ValueError(f"the analysis set has {len(inputs)} example(s); need at least 2 ({self.split} split)")
         self._inputs = inputs
         return inputs
+
+    def _loader(self, trainer: L.Trainer, source: Any) -> Any:
+        """The split's dataloader: the datamodule's, else the one the trainer was given."""
+        if trainer.datamodule is not None:
+            return getattr(trainer.datamodule, f"{self.split}_dataloader")()
+        given = {"train": trainer.train_dataloader, "val": trainer.val_dataloaders, "test": trainer.test_dataloaders}
+        loader = given[self.split]
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0] if loader else None
+        if loader is None:
+            raise ValueError(
+                f"no {self.split} dataloader to draw the analysis set from; use a datamodule, or split='train'"
+            )
+        return loader
 
     def _shard(self, trainer: L.Trainer, inputs: torch.Tensor, device: torch.device) -> tuple[list, torch.Tensor]:
         """This rank's examples (rank::world_size, no padding) in batches, and their global indices."""

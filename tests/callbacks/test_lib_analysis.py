@@ -215,3 +215,11 @@ def test_too_small_analysis_set(tmp_path):
     cb = LIBAnalysis(FOREIGN_LAYERS, every_n_steps=2, size=10, batch_inputs="tests.callbacks.foreign:features_of")
     with pytest.raises(ValueError, match="the analysis set has 1 example"):
         _trainer(tmp_path, 2, [cb]).fit(ForeignModule(), ForeignData(n=1, batch_size=1))
+
+
+def test_dataloaders_given_to_fit_directly(tmp_path):
+    L.seed_everything(0)
+    data = ForeignData()
+    cb = _foreign_callback()
+    _trainer(tmp_path, 4, [cb]).fit(ForeignModule(), train_dataloaders=data.train_dataloader())
+    assert cb.analysed_steps == [0, 4] and cb.history[0]["metrics"]["lib/encoder.1/dim_abs"] > 0
