@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ANALYSIS_CALLBACKS = ("callbacks.lib_analysis.LIBAnalysis", "callbacks.llc.LLCCallback")
 
 
-def _child(config: str, out: str) -> None:
+def _child(config: str, out: str, threads: int | None) -> None:
     import lightning as L
 
     from lib_lightning.cli import main
@@ -40,7 +40,8 @@ def _child(config: str, out: str) -> None:
                 first_099.append(trainer.global_step)
 
     start = time.perf_counter()
-    cli = main(["--config", config, "--trainer.enable_progress_bar", "false"], run=False)
+    args = ["--config", config, "--trainer.enable_progress_bar", "false"]
+    cli = main(args + (["--threads", str(threads)] if threads else []), run=False)
     cli.trainer.callbacks.append(ValAcc())
     cli.trainer.fit(cli.model, cli.datamodule)
     wall = time.perf_counter() - start
@@ -62,10 +63,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs" / "modadd.yaml"))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of each run (default: torch's)")
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "OUT"))
     args = parser.parse_args()
     if args.child:
-        _child(*args.child)
+        _child(*args.child, args.threads)
         return
     config = yaml.safe_load(Path(args.config).read_text())
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,10 +86,11 @@ def main() -> None:
                 out = Path(tmp) / f"out_{r}_{name.replace(' ', '_')}.json"
                 workdir = Path(tmp) / f"run_{r}_{name.replace(' ', '_')}"
                 workdir.mkdir()
-                subprocess.run([sys.executable, __file__, "--child", str(path), str(out)], cwd=workdir, check=True,
+                threads = ["--threads", str(args.threads)] if args.threads else []
+                subprocess.run([sys.executable, __file__, "--child", str(path), str(out), *threads], cwd=workdir, check=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 results[name].append(json.loads(out.read_text()))
-    print(f"config={args.config} repeats={args.repeats} load={os.getloadavg()}")
+    print(f"config={args.config} repeats={args.repeats} threads={args.threads} load={os.getloadavg()}")
     walls = {name: statistics.median(x["wall_s"] for x in runs) for name, runs in results.items()}
     print("\n| variant | median wall s | runs (s) | analyses | first step val/acc >= 0.99 |")
     print("|---|---|---|---|---|")
