@@ -77,6 +77,7 @@ def _atomic_write_text(path: str, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp creates owner-only files
     os.replace(tmp, path)
 
 

@@ -45,8 +45,16 @@ class LibCLI(LightningCLI):
         print(f"Open them with:   .venv/bin/tensorboard --logdir {root}")
 
 
-def main(args: list[str] | None = None, run: bool = True) -> LibCLI:
-    """Run the CLI (``run=False`` parses the config and instantiates its classes without running)."""
+def main(args: list[str] | None = None, run: bool = True) -> LibCLI | dict:
+    """Run the CLI (``run=False`` parses the config and instantiates its classes without running).
+
+    ``analyze ...`` runs the offline analysis of a checkpoint instead (:mod:`lib_lightning.analyze`).
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["analyze"]:
+        from lib_lightning.analyze import main as analyze
+
+        return analyze(argv[1:])
     return LibCLI(
         L.LightningModule,
         L.LightningDataModule,

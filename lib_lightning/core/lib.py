@@ -85,6 +85,7 @@ def save_graphs(graphs: dict[str, InteractionGraph], path: str | os.PathLike) ->
     os.close(fd)
     try:
         torch.save({kind: g.to_state() for kind, g in graphs.items()}, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files; these are ordinary results
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

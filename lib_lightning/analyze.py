@@ -1,0 +1,480 @@
+"""Offline analysis of a trained checkpoint: ``python -m lib_lightning analyze --ckpt <ckpt> --out <folder>``.
+
+Loads the model (a Lightning checkpoint, or a plain state dict with ``--config``), builds the LIB and PCA
+graphs with the LIB callback's settings, and writes to ``--out``:
+
+- ``graphs.pt``: every basis and edge matrix (:func:`lib_lightning.core.lib.save_graphs`);
+- ``metrics.json``: the callback's metrics, node- and edge-ablation results, edges required per section,
+  and (modular addition) key frequencies, community purity and progress measures;
+- ``spectra.png``, ``graph.png`` (Fourier labels on the nodes for modular addition), ``node_ablation.png``,
+  ``edge_ablation.png``; ``fourier.json`` for modular addition; ``timeline.png`` with ``--run``.
+
+Settings come from the ``callbacks.lib_analysis.LIBAnalysis`` entry of the config (``--config``, else the
+``config.yaml`` LightningCLI saved beside the checkpoint's run); the main job's settings are the fallback
+for the modular-addition task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from lib_lightning.core.ablation import edge_ablation, node_ablation, smallest_passing
+from lib_lightning.core.capture import NodeLayer, capture
+from lib_lightning.core.fourier import (
+    community_frequencies,
+    embedding_frequency_power,
+    fourier_labels,
+    grid_spectrum,
+    key_frequencies,
+    logit_frequency_power,
+    progress_measures,
+)
+from lib_lightning.core.lib import analysis_mode, build_graphs, save_graphs
+from lib_lightning.core.modularity import find_communities, interaction_graph
+from lib_lightning.core.summary import short_names, spectrum, summarise
+from lib_lightning.models.transformer import ModAddTransformer
+
+__all__ = ["main", "analyze", "load_task", "parse_args"]
+
+MODADD_TASK = "lib_lightning.tasks.classifier.ModularAddition"
+MODADD_DATA = "lib_lightning.data.modadd.ModularAdditionDataModule"
+LIB_CALLBACK = "callbacks.lib_analysis.LIBAnalysis"
+MODADD_LIB = {  # the main job's callback settings (configs/modadd.yaml)
+    "layers": ["model.hook_resid_pre", "model.hook_resid_mid", "model.hook_resid_post", "model.hook_logits"],
+    "kinds": ["lib", "pca"], "every_n_steps": 125, "split": "train", "size": 500,
+    "relu_layers": ["model.hook_mlp_hidden"],
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m lib_lightning analyze", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint, or a plain state dict (needs --config)")
+    parser.add_argument("--config", help="LightningCLI YAML (default: config.yaml of the checkpoint's run, if any)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--size", default=None,
+                        help="analysis-set size (default: the callback's; 'all': the whole split)")
+    parser.add_argument("--eval-size", type=int, default=None,
+                        help="held-out examples for the ablations (default: all)")
+    parser.add_argument("--eval-batch-size", type=int, default=4096)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the analysis and evaluation subsets (default: the callback's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--tolerance", type=float, default=1e-3,
+                        help="accuracy drop allowed by the ablation thresholds")
+    parser.add_argument("--no-ablation", action="store_true", help="skip node and edge ablation")
+    parser.add_argument("--no-edge-ablation", action="store_true", help="skip edge ablation only")
+    parser.add_argument("--key-threshold", type=float, default=0.1,
+                        help="key frequencies have at least this fraction of the strongest frequency's power")
+    parser.add_argument("--run", help="a run's log folder: also write timeline.png from its events and lib/*.json")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.size is not None and args.size != "all":
+        try:
+            args.size = int(args.size)
+        except ValueError:
+            parser.error(f"--size must be an integer or 'all', got {args.size!r}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.eval_size is not None and args.eval_size < 1:
+        parser.error(f"--eval-size must be >= 1, got {args.eval_size}")
+    return args
+
+
+# ----------------------------------------------------------------------------- loading
+def _import(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    if not module:
+        raise ValueError(f"expected a class path 'package.module.Class', got {class_path!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def _plain(hparams: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in hparams.items() if not k.startswith("_")}
+
+
+def _read_config(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
+    path = args.config
+    if path is None:
+        beside = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), os.pardir, "config.yaml")
+        path = beside if os.path.isfile(beside) else None
+    if path is None:
+        return {}, None
+    with open(path) as f:
+        return yaml.safe_load(f) or {}, os.path.normpath(path)
+
+
+def load_task(ckpt: str, config: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The LightningModule with the checkpoint's weights (eval mode), and the raw checkpoint dict.
+
+    A Lightning checkpoint names its class in ``hyper_parameters["_class_path"]`` (LightningCLI) or via
+    the config's ``model.class_path``, else the modular-addition task is assumed. A plain state dict
+    (of the task or of its ``model``) takes its class and arguments from the config.
+    """
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    model_cfg = config.get("model") or {}
+    if isinstance(state, dict) and "state_dict" in state:
+        hparams = dict(state.get("hyper_parameters") or {})
+        class_path = hparams.get("_class_path") or model_cfg.get("class_path") or MODADD_TASK
+        task = _import(class_path)(**_plain(hparams))
+        task.load_state_dict(state["state_dict"])
+    else:
+        if not model_cfg:
+            raise ValueError(f"{ckpt!r} is a plain state dict: give --config with a model section to build the model")
+        task = _import(model_cfg["class_path"])(**(model_cfg.get("init_args") or {}))
+        try:
+            task.load_state_dict(state)
+        except RuntimeError:
+            inner = getattr(task, "model", None)
+            if inner is None:
+                raise
+            inner.load_state_dict(state)
+        state = {}
+    return task.eval(), state
+
+
+def _load_datamodule(config: dict[str, Any], state: dict[str, Any], task: Any) -> Any:
+    data_cfg = config.get("data") or {}
+    if data_cfg:
+        return _import(data_cfg["class_path"])(**(data_cfg.get("init_args") or {}))
+    hparams = dict(state.get("datamodule_hyper_parameters") or {})
+    modadd = isinstance(getattr(task, "model", None), ModAddTransformer)
+    class_path = hparams.get("_class_path") or (MODADD_DATA if modadd else None)
+    if class_path is None:
+        raise ValueError("cannot tell which datamodule the model was trained on: give --config with a data section")
+    return _import(class_path)(**_plain(hparams))
+
+
+def _lib_settings(config: dict[str, Any], task: Any) -> Any:
+    """The LIB callback the config names, built from its class path as LightningCLI would (so this package
+    does not import the callbacks package); its parsed settings (``layers``, ``build_kwargs``, ``options``,
+    ``forward``, ``split``, ``size``, ``seed`` ...) are the analysis settings."""
+    callbacks = (config.get("trainer") or {}).get("callbacks") or []
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    for entry in callbacks:
+        if isinstance(entry, dict) and str(entry.get("class_path", "")).endswith("LIBAnalysis"):
+            return _import(entry["class_path"])(**(entry.get("init_args") or {}))
+    if isinstance(getattr(task, "model", None), ModAddTransformer):
+        return _import(LIB_CALLBACK)(**MODADD_LIB)
+    raise ValueError("no LIBAnalysis callback in the config to take the node layers from: give --config with one")
+
+
+def _split_tensors(dm: Any, split: str, batch_inputs) -> tuple[Any, torch.Tensor]:
+    """``(inputs, labels)`` of a whole split, from ``<split>_tensors`` or the split's dataloader."""
+    if hasattr(dm, f"{split}_tensors"):
+        return getattr(dm, f"{split}_tensors")
+    dm.setup("fit")
+    parts = [(batch_inputs(b), b[1]) for b in getattr(dm, f"{split}_dataloader")()]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _subset(n: int, size: int | None, seed: int) -> torch.Tensor:
+    if size is None or size >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]
+
+
+# ----------------------------------------------------------------------------- outputs
+def _atomic(path: str, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the outputs private
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, default=lambda x: x.tolist() if isinstance(x, torch.Tensor) else str(x))
+
+    _atomic(path, write)
+
+
+def _write_figure(path: str, fig) -> None:
+    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+
+
+def plot_node_ablation(curves: dict[str, list], tolerance: float):
+    """Accuracy (top) and loss (bottom) against features kept, one column per node layer, a line per kind."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    layers = list(dict.fromkeys(c.layer for kind_curves in curves.values() for c in kind_curves))
+    names = dict(zip(layers, short_names(layers)))
+    fig = Figure(figsize=(3.4 * len(layers), 5.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, len(layers), squeeze=False)
+    for kind, kind_curves in curves.items():
+        for c in kind_curves:
+            col = layers.index(c.layer)
+            ks = c.ks.double().clamp_min(0.5)  # k = 0 drawn at 0.5 on the log axis
+            axes[0, col].plot(ks, c.accuracy, marker=".", markersize=3, label=kind)
+            axes[1, col].plot(ks, c.loss, marker=".", markersize=3, label=kind)
+            axes[0, col].axhline(c.baseline_accuracy - tolerance, color="0.5", linewidth=0.6, linestyle=":")
+            axes[0, col].set_title(names[c.layer], fontsize="small")
+    for ax in axes.flat:
+        ax.set_xscale("log")
+        ax.legend(fontsize="x-small")
+    for ax in axes[1]:
+        ax.set_yscale("log")
+        ax.set_xlabel("features kept k (constant included)")
+    axes[0, 0].set_ylabel("accuracy (held out)")
+    axes[1, 0].set_ylabel("loss (held out)")
+    return fig
+
+
+def plot_edge_ablation(results: dict[str, list]):
+    """Accuracy against the number of strongest edges kept, one panel per section, a line per kind."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    sections = list(dict.fromkeys(r.section for rs in results.values() for r in rs))
+    fig = Figure(figsize=(3.6 * len(sections), 3.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(sections), squeeze=False)[0]
+    for kind, rs in results.items():
+        for r in rs:
+            ax = axes[sections.index(r.section)]
+            ks = r.ks.double().clamp_min(0.5)  # k = 0 drawn at 0.5 on the log axis
+            line = ax.plot(ks, r.accuracy, marker=".", markersize=4, label=f"{kind}: {r.n_required}")[0]
+            ax.axvline(max(r.n_required, 0.5), color=line.get_color(), linewidth=0.8, linestyle="--")
+            ax.axhline(r.baseline_accuracy - r.tolerance, color="0.5", linewidth=0.6, linestyle=":")
+            a, b = short_names(r.section.split("->"))
+            ax.set_title(f"{a} → {b}", fontsize="small")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("edges kept")
+        ax.legend(fontsize="x-small", title="edges required", title_fontsize="x-small")
+    axes[0].set_ylabel("accuracy (held out)")
+    return fig
+
+
+def _community_legend(fig, communities: list[dict[str, Any]]) -> None:
+    """A legend: each community's colour (as in ``plot_interaction_graph``), frequency and purity."""
+    from matplotlib import colormaps
+    from matplotlib.lines import Line2D
+
+    palette = list(colormaps["tab10"].colors) + list(colormaps["tab20b"].colors)
+    handles = [Line2D([], [], marker="o", linestyle="", color=palette[c["community"] % len(palette)],
+                      label=f"k = {c['frequency']}, purity {c['purity']:.2f} ({c['size']} features)")
+               for c in communities]
+    fig.legend(handles=handles, loc="lower center", ncol=min(3, len(handles)), fontsize="small", frameon=False,
+               title="LIB communities: dominant frequency")
+
+
+# ----------------------------------------------------------------------------- the analysis
+def _fourier(task, cb, graphs, summary, dm, key_threshold: float, cutoffs: list[float] | None) -> dict[str, Any]:
+    """Fourier labels of every LIB feature, key frequencies, community purity and progress measures."""
+    from lib_lightning.data.modadd import modular_addition_pairs
+
+    p = task.model.p
+    tokens, labels = modular_addition_pairs(p)
+    lib = graphs["lib"]
+    names = short_names(lib.layer_names)
+    keep = [i for i, layer in enumerate(lib.layers) if layer.has_constant]
+    with torch.no_grad(), analysis_mode(task, torch.float64):
+        parts = [capture(task, [NodeLayer.parse(lib.layer_names[i]) for i in keep], tokens[s : s + 4096], cb.forward)
+                 for s in range(0, p * p, 4096)]
+        logits = torch.cat([cb.forward(task, tokens[s : s + 4096]) for s in range(0, p * p, 4096)])
+        embed = task.model.embed.weight[:p].clone()
+    features, fractions, label_of = {}, {}, {}
+    for j, i in enumerate(keep):
+        feats = lib.layers[i].transform(torch.cat([part[j] for part in parts]))  # (p*p, pos, d_lib)
+        spec = grid_spectrum(feats, p)
+        texts = fourier_labels(spec)
+        short = fourier_labels(spec, min_fraction=0.25, max_terms=2)
+        rows = []
+        for f in range(lib.layers[i].d_lib):
+            node = (names[i], f)
+            fractions[node] = spec.frequency_fractions[f]
+            label_of[node] = short[f]
+            rows.append({"feature": f, "lambda": float(lib.layers[i].lambdas[f]), "label": texts[f],
+                         "dominant": int(spec.dominant[f]),
+                         "dominant_fraction": float(spec.frequency_fractions[f].max()),
+                         "variance": float(spec.variance[f])})
+        features[names[i]] = rows
+    power_embed, power_logits = embedding_frequency_power(embed), logit_frequency_power(logits, p)
+    key = key_frequencies(power_embed, key_threshold)
+    key_logits = key_frequencies(power_logits, key_threshold)
+
+    def communities_of(graph, communities) -> list[dict[str, Any]]:
+        weights = {node: graph.degree(node, weight="weight") for node in graph.nodes}
+        return [vars(c) for c in community_frequencies(communities.membership, fractions, weights, key)]
+
+    out: dict[str, Any] = {"p": p, "key_threshold": key_threshold,
+                           "key_frequencies": {"embedding": key, "logits": key_logits},
+                           "power": {"embedding": (power_embed / power_embed.sum()).tolist(),
+                                     "logits": (power_logits / power_logits.sum()).tolist()}}
+    if summary.communities is not None:
+        out["communities"] = communities_of(summary.graph, summary.communities)
+        out["modularity"] = summary.communities.modularity
+    if cutoffs is not None and all(c > 0 for c in cutoffs):
+        # The reference's weighting: ε_l = the weakest edge kept at the bisection threshold (LIB_SPEC.md §6).
+        graph = interaction_graph([lib.edges[i] for i in keep[:-1]], [names[i] for i in keep], cutoffs=cutoffs)
+        comms = find_communities(graph, seed=cb.options.seed)
+        out["communities_ablation_cutoffs"] = communities_of(graph, comms)
+        out["modularity_ablation_cutoffs"] = comms.modularity
+    train_idx = torch.as_tensor(getattr(dm, "train_idx", torch.arange(p * p)))
+    out["progress"] = vars(progress_measures(logits, labels, p, key, excluded_index=train_idx)) if key else None
+    out["features"] = features
+    return out | {"_labels": label_of}
+
+
+_EDGE_FIELDS = ("n_edges", "n_required", "reached", "ks", "accuracy", "loss", "baseline_accuracy", "cutoff")
+
+
+def _node_results(curves, names: list[str], graph, tolerance: float) -> dict[str, Any]:
+    """Node-ablation curves by short layer name, with the features each layer requires."""
+    out = {}
+    for c in curves:
+        out[names[graph.layer_names.index(c.layer)]] = {
+            "ks": c.ks, "accuracy": c.accuracy, "loss": c.loss, "baseline_accuracy": c.baseline_accuracy,
+            "baseline_loss": c.baseline_loss,
+            "features_required": smallest_passing(c.ks, c.accuracy, c.baseline_accuracy - tolerance),
+        }
+    return out
+
+
+def analyze(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs every phase and writes the outputs; returns the content of ``metrics.json``."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    config, config_path = _read_config(args)
+    ablate = not args.no_ablation
+    phases = ["load", "graphs", "summary", *(["node ablation", "edge ablation"] if ablate else []), "fourier", "figures"]
+    bar = tqdm(total=len(phases), disable=args.no_progress, desc="analyze")
+    timings: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def done(phase: str) -> None:
+        now = time.perf_counter()
+        timings[phase] = now - clock[0]
+        clock[0] = now
+        bar.update(1)
+        bar.set_postfix_str(f"{phase} {timings[phase]:.0f}s")
+
+    bar.set_description("analyze: load")
+    task, state = load_task(args.ckpt, config)
+    dm = _load_datamodule(config, state, task)
+    dm.prepare_data()  # fake data is written, missing data downloaded (or a message says where to put it)
+    cb = _lib_settings(config, task)
+    seed = cb.seed if args.seed is None else args.seed
+    size = None if args.size == "all" else (cb.size if args.size is None else args.size)
+    if size is not None and hasattr(dm, "analysis_inputs"):
+        inputs = dm.analysis_inputs(cb.split, size, seed)  # the very set the callback analysed
+    else:
+        inputs, _ = _split_tensors(dm, cb.split, cb.batch_inputs)
+        inputs = inputs[_subset(len(inputs), size, seed)]
+    batches = [inputs[i : i + cb.batch_size] for i in range(0, len(inputs), cb.batch_size)]
+    val_x, val_y = _split_tensors(dm, "val", cb.batch_inputs)
+    index = _subset(len(val_y), args.eval_size, seed)
+    val_x, val_y = val_x[index], val_y[index]
+    step = args.eval_batch_size
+    data = [(val_x[i : i + step], val_y[i : i + step]) for i in range(0, len(val_y), step)]
+    done("load")
+
+    bar.set_description("analyze: graphs")
+    graphs = build_graphs(task, cb.layers, batches, forward=cb.forward, **cb.build_kwargs)
+    save_graphs(graphs, os.path.join(args.out, "graphs.pt"))
+    done("graphs")
+    bar.set_description("analyze: summary")
+    summary = summarise(graphs, cb.options)
+    done("summary")
+
+    result: dict[str, Any] = {
+        "checkpoint": os.path.abspath(args.ckpt), "config": config_path, "step": state.get("global_step"),
+        "settings": {"layers": [layer.name for layer in cb.layers], "split": cb.split, "size": len(inputs), "seed": seed,
+                     "eval_size": len(val_y), "tolerance": args.tolerance,
+                     **{k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in cb.build_kwargs.items()}},
+        "metrics": summary.metrics,
+    }
+    names = short_names(next(iter(graphs.values())).layer_names)
+    dtype = cb.build_kwargs.get("dtype", torch.float64)  # the precision the graphs were built in
+    nodes, edges = {}, {}
+    if ablate:
+        bar.set_description("analyze: node ablation")
+        nodes = {kind: node_ablation(task, g, data, forward=cb.forward, dtype=dtype) for kind, g in graphs.items()}
+        result["node_ablation"] = {
+            kind: _node_results(curves, names, graphs[kind], args.tolerance) for kind, curves in nodes.items()
+        }
+        done("node ablation")
+        if not args.no_edge_ablation:
+            bar.set_description("analyze: edge ablation")
+            for kind, g in graphs.items():
+                edges[kind] = []
+                for sec in range(len(g.edges)):
+                    edges[kind].append(
+                        edge_ablation(task, g, sec, data, forward=cb.forward, tolerance=args.tolerance, dtype=dtype)
+                    )
+                    bar.set_postfix_str(f"{kind} section {sec}")
+            sections = [f"{a}->{b}" for a, b in zip(names[:-1], names[1:])]
+            result["edge_ablation"] = {
+                kind: {sec: {k: getattr(r, k) for k in _EDGE_FIELDS} for sec, r in zip(sections, rs)}
+                for kind, rs in edges.items()
+            }
+            result["edges_required"] = {
+                sec: {kind: rs[i].n_required for kind, rs in edges.items()} for i, sec in enumerate(sections)
+            }
+        done("edge ablation")
+
+    labels = None
+    if isinstance(getattr(task, "model", None), ModAddTransformer) and "lib" in graphs:
+        bar.set_description("analyze: fourier")
+        keep = [i for i, layer in enumerate(graphs["lib"].layers) if layer.has_constant]
+        cutoffs = [edges["lib"][i].cutoff for i in keep[:-1]] if "lib" in edges else None
+        fourier = _fourier(task, cb, graphs, summary, dm, args.key_threshold, cutoffs)
+        labels = fourier.pop("_labels")
+        _write_json(os.path.join(args.out, "fourier.json"), fourier)
+        keys = ("key_frequencies", "communities", "modularity", "communities_ablation_cutoffs",
+                "modularity_ablation_cutoffs", "progress")
+        result["fourier"] = {k: fourier.get(k) for k in keys}
+    done("fourier")
+
+    bar.set_description("analyze: figures")
+    from lib_lightning.plotting import plot_interaction_graph, plot_spectra
+
+    spectra = {name: {k: spectrum(g.layers[i]) for k, g in graphs.items()} for i, name in enumerate(names)
+               if graphs["lib"].layers[i].kind != "identity"} if "lib" in graphs else {}
+    if spectra:
+        _write_figure(os.path.join(args.out, "spectra.png"), plot_spectra(spectra, title="Λ (LIB) and variances (PCA)"))
+    if summary.graph is not None and summary.graph.number_of_edges():
+        fig = plot_interaction_graph(summary.graph, summary.communities, labels=labels)
+        if "fourier" in result and result["fourier"].get("communities"):
+            _community_legend(fig, result["fourier"]["communities"])
+        _write_figure(os.path.join(args.out, "graph.png"), fig)
+    if nodes:
+        _write_figure(os.path.join(args.out, "node_ablation.png"), plot_node_ablation(nodes, args.tolerance))
+    if edges:
+        _write_figure(os.path.join(args.out, "edge_ablation.png"), plot_edge_ablation(edges))
+    if args.run:
+        from lib_lightning.timeline import plot_timeline, read_scalars
+
+        title = os.path.basename(os.path.normpath(args.run))
+        _write_figure(os.path.join(args.out, "timeline.png"), plot_timeline(read_scalars(args.run), title=title))
+    done("figures")
+    bar.close()
+    result["timings_s"] = timings
+    _write_json(os.path.join(args.out, "metrics.json"), result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Entry point of ``python -m lib_lightning analyze``."""
+    return analyze(parse_args(argv))
