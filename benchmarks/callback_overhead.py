@@ -50,6 +50,8 @@ def _child(config: str, out: str, threads: int | None) -> None:
     analyses = 0
     for cb in cli.trainer.callbacks:
         for entry in getattr(cb, "history", []):
+            if not isinstance(entry, dict) or "metrics" not in entry:  # LIBAnalysis entries only
+                continue
             analyses += 1
             for key, value in entry.get("metrics", {}).items():
                 if key.startswith("lib/time/"):
