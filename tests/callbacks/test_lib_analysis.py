@@ -156,9 +156,10 @@ def test_tensorboard_gets_scalars_histograms_images_and_text(tmp_path):
 def test_two_process_ddp_gives_the_same_graphs_as_one_process(tmp_path):
     """Two gloo processes, each with its own shard (rank::2), sums reduced by the strategy.
 
-    The one-process reference sees the same two shards as two batches, so that every float64 sum is
-    added in the same order (a + b): different summation orders alone move Lambdas of directions with
-    tiny variance by ~1e-8 relative (the whitening divides by those variances).
+    The one-process reference sees the same two shards as two batches and runs on one thread like each
+    worker, so that every float64 sum is added in the same order (a + b): different summation orders
+    alone (sharding, or matmul blocking under another thread count) move Lambdas of directions with tiny
+    variance by ~1e-8 relative (the whitening divides by those variances).
     """
     L.seed_everything(0)
     model = ModularAddition(**SMALL)
@@ -176,7 +177,12 @@ def test_two_process_ddp_gives_the_same_graphs_as_one_process(tmp_path):
     reference = ModularAddition(**SMALL)
     reference.load_state_dict(initial)
     x = data.analysis_inputs("train", 101, 0)
-    one = build_graphs(reference, MODADD_LAYERS, [x[0::2], x[1::2]], kinds=("lib", "pca"), chunk_size=256)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each DDP worker (Lightning gives each cpu_count // processes): same matmul order
+    try:
+        one = build_graphs(reference, MODADD_LAYERS, [x[0::2], x[1::2]], kinds=("lib", "pca"), chunk_size=256)
+    finally:
+        torch.set_num_threads(threads)
     for kind in ("lib", "pca"):
         for a, b in zip(one[kind].layers, two[kind].layers):
             torch.testing.assert_close(a.lambdas, b.lambdas, rtol=1e-10, atol=1e-14)
