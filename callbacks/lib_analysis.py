@@ -340,7 +340,7 @@ class LIBAnalysis(Callback):
             clock[0] = now
 
         graphs = build_graphs(
-            pl_module, self.layers, batches, forward=self.forward, reduce=self._reduce(trainer), progress=progress,
+            pl_module, self.layers, batches, forward=self.forward, reduce=reduce, progress=progress,
             **self.build_kwargs,
         )
         built = time.perf_counter()

@@ -27,13 +27,10 @@ from lib_lightning.core.basis import LayerBasis
 from lib_lightning.core.capture import (
     Forward,
     NodeLayer,
-    _denormalise,
-    _hooks,
-    _normalise,
     capture,
     default_forward,
-    resolve_modules,
     run_section,
+    substituted,
 )
 from lib_lightning.core.lib import InteractionGraph, _prepare, analysis_mode
 
@@ -143,16 +140,7 @@ def substitute(
         RuntimeError: if the layer's module does not run, or runs more than once.
     """
     layer = NodeLayer.parse(layer)
-    (module,) = resolve_modules(model, [layer])
-    done: list[bool] = []
-
-    def replace(value):
-        if done:
-            raise RuntimeError(f"module of node layer {layer.name!r} ran twice in one forward pass")
-        done.append(True)
-        return _denormalise(layer, value, fn(_normalise(layer, value)))
-
-    with _hooks([(module, layer, replace)]):
+    with substituted(model, layer, fn) as done:
         output = forward(model, inputs)
     if not done:
         raise RuntimeError(f"node layer {layer.name!r} was not reached by the forward pass")

@@ -25,6 +25,7 @@ __all__ = [
     "resolve_modules",
     "capture",
     "run_section",
+    "substituted",
     "check_order",
     "check_cut",
     "CutError",
@@ -188,6 +189,27 @@ def capture(
     return [found[i] for i in range(len(layers))]
 
 
+@contextlib.contextmanager
+def substituted(model: nn.Module, layer: NodeLayer, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[list[bool]]:
+    """While active, ``layer``'s activation is replaced by ``fn(act)`` in every forward pass.
+
+    ``fn`` receives the activation ``(batch, pos, d)`` (positions selected) and returns its replacement
+    of the same shape. Yields a list that holds one entry once the layer has been substituted; a second
+    substitution in the same forward pass raises ``RuntimeError``.
+    """
+    (module,) = resolve_modules(model, [layer])
+    done: list[bool] = []
+
+    def replace(value):
+        if done:
+            raise RuntimeError(f"module of node layer {layer.name!r} ran twice in one forward pass")
+        done.append(True)
+        return _denormalise(layer, value, fn(_normalise(layer, value)))
+
+    with _hooks([(module, layer, replace)]):
+        yield done
+
+
 def run_section(
     model: nn.Module,
     layer_in: NodeLayer,
@@ -202,21 +224,14 @@ def run_section(
     receives the captured activation ``(batch, pos, d)`` and returns its replacement of the same shape
     (for example a leaf that requires grad, scaled by alpha).
     """
-    module_in, module_out = resolve_modules(model, [layer_in, layer_out])
+    (module_out,) = resolve_modules(model, [layer_out])
     result: list[torch.Tensor] = []
-    done: list[bool] = []
-
-    def replace(value):
-        if done:
-            raise RuntimeError(f"module of node layer {layer_in.name!r} ran twice in one forward pass")
-        done.append(True)
-        return _denormalise(layer_in, value, substitute(_normalise(layer_in, value)))
 
     def read(value):
         result.append(_normalise(layer_out, value))
         raise _StopForward
 
-    with _hooks([(module_in, layer_in, replace), (module_out, layer_out, read)]):
+    with substituted(model, layer_in, substitute) as done, _hooks([(module_out, layer_out, read)]):
         try:
             forward(model, inputs)
         except _StopForward:
