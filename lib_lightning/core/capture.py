@@ -25,6 +25,7 @@ __all__ = [
     "resolve_modules",
     "capture",
     "run_section",
+    "select_examples",
     "substituted",
     "check_order",
     "check_cut",
@@ -208,6 +209,18 @@ def substituted(model: nn.Module, layer: NodeLayer, fn: Callable[[torch.Tensor],
 
     with _hooks([(module, layer, replace)]):
         yield done
+
+
+def select_examples(inputs: Any, index: slice | torch.Tensor) -> Any:
+    """The examples ``index`` (a slice or index tensor over the batch dimension) of model inputs: a
+    tensor, or a tuple/list/dict of tensors, batch first; anything else is passed through."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[index]
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(select_examples(v, index) for v in inputs)
+    if isinstance(inputs, dict):
+        return {k: select_examples(v, index) for k, v in inputs.items()}
+    return inputs
 
 
 def run_section(

@@ -1,7 +1,9 @@
 """Build LIB, PCA and neuron interaction graphs of any model from module names (spec §2–§4).
 
 Order of work: one pass over the data for the means and Gram matrices of every node layer; then, from
-the last section backwards, one pass per section for its integrated Jacobians. Each Jacobian chunk
+the last section backwards, one pass per section for its integrated Jacobians. Their rows are taken in
+the next layer's basis when every requested kind shares it (LIB alone, or the final layer), so there is
+one VJP per kept feature; otherwise in neurons, projected onto each kind's basis. Each Jacobian chunk
 serves M′ (hence the LIB basis of the section's input layer) and the edges of every basis kind; the
 chunks are kept within a memory budget for the LIB edges (which need the basis just computed) and
 recomputed past it. Every dataset quantity is a sum plus a count, reduced by ``reduce`` (identity in one
@@ -21,15 +23,31 @@ import torch
 from torch import nn
 
 from lib_lightning.core.basis import LayerBasis, identity_basis, lib_basis, neuron_basis, pca_basis, whiten
-from lib_lightning.core.capture import Forward, NodeLayer, capture, check_cut, check_order, default_forward
+from lib_lightning.core.capture import (
+    Forward,
+    NodeLayer,
+    capture,
+    check_cut,
+    check_order,
+    default_forward,
+    select_examples,
+)
 from lib_lightning.core.integration import integration_rule
-from lib_lightning.core.jacobian import chunks, edges_update, integrated_jacobian, m_prime_update
+from lib_lightning.core.jacobian import (
+    chunks,
+    edges_update,
+    integrated_jacobian,
+    integrated_vjp,
+    m_prime_update,
+    project,
+)
 from lib_lightning.core.stats import ActivationStats, stats_update
 
 __all__ = ["InteractionGraph", "build_graphs", "save_graphs", "load_graphs", "analysis_mode", "KINDS"]
 
 KINDS = ("lib", "pca", "neuron")
 EDGE_POINTS = ("activation", "reconstruction")
+CHECK_EXAMPLES = 16  # examples of the first batch on which the order and cut checks run
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 Progress = Callable[[str, int, int], None]
 
@@ -195,10 +213,12 @@ def build_graphs(
             layer's rank is smaller.
         edge_point: where the section is evaluated for the edges: ``"activation"`` (the activation
             itself; the Jacobians of the basis pass are reused, one pass per section) or
-            ``"reconstruction"`` (f C C⁺ of the edge's basis, as the reference library does; Jacobians are
-            recomputed for chunks whose reconstruction differs from the activation by more than
-            ``reuse_rtol`` × the largest activation). The two agree when truncation only drops directions
-            without variance (spec §11).
+            ``"reconstruction"`` (f C C⁺ of the edge's basis, as the reference library does). There a
+            chunk's Jacobians at the activation are reused when its reconstruction is within
+            ``reuse_rtol`` × the largest activation; for a cached LIB chunk, also per example when the
+            integrated VJPs in two random directions agree at both points to ``reuse_rtol`` (affine and
+            ReLU sections whose pattern does not change); everything else is recomputed at f C C⁺. The
+            two points agree when truncation only drops directions without variance (spec §11).
         chunk_size: examples per Jacobian chunk; bounds the working memory.
         cache_bytes: memory budget for keeping Jacobian chunks between the basis and the LIB edges
             (0: always recompute; past the budget, chunks are recomputed).
@@ -225,10 +245,11 @@ def build_graphs(
         n_examples = 0
         for b, inputs in enumerate(batches):
             inputs = _prepare(inputs, dtype)
-            if b == 0 and check_cuts:
-                check_order(model, node_layers, inputs, forward)
+            if b == 0 and check_cuts:  # on a few examples: the checks compare single examples
+                few = select_examples(inputs, slice(0, CHECK_EXAMPLES))
+                check_order(model, node_layers, few, forward)
                 for first, second in zip(node_layers[:-1], node_layers[1:]):
-                    check_cut(model, first, second, inputs, forward)
+                    check_cut(model, first, second, few, forward)
             with torch.no_grad():
                 acts = capture(model, node_layers, inputs, forward)
             for i, a in enumerate(acts):
@@ -264,11 +285,20 @@ def build_graphs(
         for sec in reversed(range(last)):
             layer_in, layer_out = node_layers[sec], node_layers[sec + 1]
             phase = f"jacobians {names[sec]} -> {names[sec + 1]}"
+            outs = {kind: bases[kind][sec + 1] for kind in kinds}
+            first = outs[kinds[0]]
+            # One output basis for every kind (LIB alone, or the shared final layer): the VJPs run in its
+            # features directly. Otherwise in neurons, projected onto each kind's basis.
+            shared = first if all(torch.equal(o.basis, first.basis) for o in outs.values()) else None
 
-            def jacobian(inputs: Any, c: int, basis: LayerBasis | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-                point = None if basis is None else (lambda a: basis.reconstruct(basis.transform(a)).to(a.dtype))
+            def jacobian(
+                inputs: Any, c: int, out_basis: LayerBasis | None, at: LayerBasis | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+                point = None if at is None else (lambda a: at.reconstruct(at.transform(a)).to(a.dtype))
                 try:
-                    return integrated_jacobian(model, layer_in, layer_out, _prepare(inputs, dtype), int_rule, forward, point)
+                    return integrated_jacobian(
+                        model, layer_in, layer_out, _prepare(inputs, dtype), int_rule, forward, point, out_basis
+                    )
                 except ValueError as err:
                     raise ValueError(f"{err} (chunk {c} of {chunk_size} examples)") from err
 
@@ -279,33 +309,56 @@ def build_graphs(
                 rec = basis.reconstruct(basis.transform(acts))
                 return bool((rec - acts).abs().max() <= reuse_rtol * acts.abs().max())
 
+            def at_reconstruction(inputs: Any, c: int, acts: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                """LIB edges' point f C C⁺ and ĝ there, from ĝ cached at f.
+
+                An example keeps its cached rows when the integrated VJPs in two random directions agree
+                at both points to ``reuse_rtol`` (a section that is affine, or ReLU-piecewise affine
+                with the same pattern, gives identical VJPs); the other examples are recomputed.
+                """
+                basis, inputs = bases["lib"][sec], _prepare(inputs, dtype)
+                rec = lambda a: basis.reconstruct(basis.transform(a)).to(a.dtype)  # noqa: E731
+                gen = torch.Generator().manual_seed(c)
+                w = torch.randn((2, g.shape[2], outs["lib"].d), generator=gen, dtype=torch.float64)
+                try:
+                    here = integrated_vjp(model, layer_in, layer_out, inputs, int_rule, forward, w).flatten(1)
+                    there = integrated_vjp(model, layer_in, layer_out, inputs, int_rule, forward, w, rec).flatten(1)
+                except ValueError as err:
+                    raise ValueError(f"{err} (chunk {c} of {chunk_size} examples)") from err
+                same = (there - here).abs().amax(1) <= reuse_rtol * here.abs().amax(1)
+                if not same.all():
+                    redo = (~same).nonzero().squeeze(1)
+                    g = g.clone()
+                    g[redo] = jacobian(select_examples(inputs, redo), c, outs["lib"], basis)[1]
+                return rec(acts), g
+
             m_sum, count, cached_bytes = None, 0.0, 0
             cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
             sums: dict[str, torch.Tensor | None] = {kind: None for kind in kinds}
             pending: dict[str, set[int]] = {kind: set() for kind in kinds}
 
-            def add(kind: str, acts: torch.Tensor, jac: torch.Tensor) -> None:
-                part = edges_update(acts, jac, bases[kind][sec], bases[kind][sec + 1])
+            def add(kind: str, acts: torch.Tensor, g: torch.Tensor) -> None:
+                part = edges_update(acts, g, bases[kind][sec])
                 sums[kind] = part if sums[kind] is None else sums[kind] + part
 
             for c, inputs in enumerate(chunks(batches, chunk_size)):
-                acts, jac = jacobian(inputs, c)
+                acts, jac = jacobian(inputs, c, shared)
                 count += acts.shape[0] * acts.shape[1]
-                if "lib" in kinds:
-                    part = m_prime_update(jac, bases["lib"][sec + 1])
-                    m_sum = part if m_sum is None else m_sum + part
-                    pending["lib"].add(c)
-                    size = jac.numel() * jac.element_size() + acts.numel() * acts.element_size()
-                    if cached_bytes + size <= cache_bytes:
-                        cache[c] = (acts, jac)
-                        cached_bytes += size
                 for kind in kinds:
-                    if kind != "lib":
-                        if reusable(bases[kind][sec], acts):
-                            add(kind, acts, jac)
-                        else:
-                            pending[kind].add(c)
-                del acts, jac
+                    g = jac if shared is not None else project(jac, outs[kind])
+                    if kind == "lib":  # the edges wait for this section's basis, built from M′
+                        part = m_prime_update(g)
+                        m_sum = part if m_sum is None else m_sum + part
+                        pending["lib"].add(c)
+                        size = g.numel() * g.element_size() + acts.numel() * acts.element_size()
+                        if cached_bytes + size <= cache_bytes:
+                            cache[c] = (acts, g)
+                            cached_bytes += size
+                    elif reusable(bases[kind][sec], acts):
+                        add(kind, acts, g)
+                    else:
+                        pending[kind].add(c)
+                del acts, jac, g
                 report(phase, c + 1, 0)
             count_t = reduce(torch.tensor(count, dtype=torch.float64))
             if "lib" in kinds:
@@ -318,13 +371,20 @@ def build_graphs(
                     todo = [kind for kind in kinds if c in pending[kind]]
                     if not todo:
                         continue
-                    acts, jac = cache.pop(c) if c in cache else jacobian(inputs, c)
+                    cached = cache.pop(c, None)
+                    if cached is not None:
+                        acts = cached[0]
+                    else:
+                        with torch.no_grad():
+                            (acts,) = capture(model, [layer_in], _prepare(inputs, dtype), forward)
                     for kind in todo:
-                        if reusable(bases[kind][sec], acts):
-                            add(kind, acts, jac)
+                        if cached is not None and kind == "lib":
+                            add(kind, *(cached if reusable(bases[kind][sec], acts) else at_reconstruction(inputs, c, *cached)))
+                        elif reusable(bases[kind][sec], acts):
+                            add(kind, *jacobian(inputs, c, outs[kind]))
                         else:
-                            add(kind, *jacobian(inputs, c, bases[kind][sec]))
-                    del acts, jac
+                            add(kind, *jacobian(inputs, c, outs[kind], bases[kind][sec]))
+                    del acts, cached
                     report(f"edges {names[sec]} -> {names[sec + 1]}", c + 1, 0)
             for kind in kinds:
                 edges[kind][sec] = reduce(sums[kind]) / count_t

@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import jacrev, vmap
 
 from lib_lightning.core.capture import NodeLayer, capture
-from lib_lightning.core.jacobian import edge_attributions, integrated_jacobian
+from lib_lightning.core.jacobian import edge_attributions, integrated_jacobian, integrated_vjp, project
 from lib_lightning.core.integration import integration_rule
 from lib_lightning.core.lib import build_graphs, load_graphs, save_graphs
 from lib_lightning.core.stats import augment
@@ -161,8 +161,8 @@ def test_t8_attributions_sum_to_the_output():
     rule = integration_rule("gradient")
     for sec in range(3):
         layer_in, layer_out = NodeLayer(LAYERS[sec]), NodeLayer(LAYERS[sec + 1])
-        acts, jac = integrated_jacobian(model, layer_in, layer_out, x, rule, lambda m, i: m(i))
-        a = edge_attributions(acts, jac, lib.layers[sec], lib.layers[sec + 1])  # (N, 1, k_out, k_in)
+        acts, g = integrated_jacobian(model, layer_in, layer_out, x, rule, lambda m, i: m(i), out_basis=lib.layers[sec + 1])
+        a = edge_attributions(acts, g, lib.layers[sec])  # (N, 1, k_out, k_in)
         with torch.no_grad():
             (out,) = capture(model, [layer_out], x)
         basis_out = lib.layers[sec + 1].basis
@@ -182,7 +182,7 @@ def test_t8_quadrature_converges_for_non_homogeneous_section():
     errors = []
     for n in (1, 4, 16):
         acts, jac = integrated_jacobian(model, layer_in, layer_out, x, integration_rule("gauss-legendre", n), lambda m, i: m(i))
-        a = edge_attributions(acts, jac, lib.layers[1], lib.layers[2])
+        a = edge_attributions(acts, project(jac, lib.layers[2]), lib.layers[1])
         errors.append((a.sum(-1)[:, 0] - target).abs().max().item())
     assert errors[0] > 0.1 > errors[1] > 1e-4 > 1e-8 > errors[2]
 
@@ -273,8 +273,9 @@ def test_t12_feature_sign_flips_leave_edges_unchanged(mlp_setup):
     flip[[1, 3]] = -1
     layer = lib.layers[1]
     flipped = type(layer)(**{**layer.__dict__, "basis": layer.basis * flip, "basis_pinv": layer.basis_pinv * flip[:, None]})
-    e = (edge_attributions(acts, jac, layer, lib.layers[2]) ** 2).sum((0, 1))
-    e_flipped = (edge_attributions(acts, jac, flipped, lib.layers[2]) ** 2).sum((0, 1))
+    g = project(jac, lib.layers[2])
+    e = (edge_attributions(acts, g, layer) ** 2).sum((0, 1))
+    e_flipped = (edge_attributions(acts, g, flipped) ** 2).sum((0, 1))
     torch.testing.assert_close(e, e_flipped, rtol=1e-12, atol=0)
 
 
@@ -407,3 +408,44 @@ def test_edges_at_reconstruction_match_jacrev_when_truncation_drops_variance():
             torch.testing.assert_close(g.edges[sec], ref, rtol=1e-9, atol=1e-14)
             differs |= not torch.allclose(at_act[kind].edges[sec], ref, rtol=1e-6)
     assert differs
+
+
+def test_reconstruction_edges_recompute_only_examples_whose_jacobian_changes(monkeypatch):
+    """A cached chunk keeps ĝ for examples whose ReLU pattern is the same at f C C⁺ (and for every example
+    of the affine last section); only the others are recomputed, and the edges still match jacrev there."""
+    import lib_lightning.core.lib as lib_module
+
+    model, x = MLP(seed=8), mlp_inputs()
+    calls, real = [], lib_module.integrated_jacobian
+
+    def spy(model_, layer_in, layer_out, inputs, *args, **kwargs):
+        calls.append((layer_in.name, inputs.shape[0]))
+        return real(model_, layer_in, layer_out, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(lib_module, "integrated_jacobian", spy)
+    lib = build_graphs(model, LAYERS, [x], kinds=("lib",), rel_threshold=0.05, edge_point="reconstruction", chunk_size=len(x))["lib"]
+    assert [name for name, n in calls if n == len(x)] == ["h1", "h0", "inp"]  # one basis pass per section
+    redone = {name: n for name, n in calls if n < len(x)}
+    assert set(redone) == {"h0", "inp"}  # the affine h1 -> out section reuses every example
+    assert all(0 < n < len(x) for n in redone.values())
+    with torch.no_grad():
+        acts = [a[:, 0] for a in capture(model, [NodeLayer(n) for n in LAYERS], x)]
+    for sec, section in enumerate(_sections(model)):
+        ref = _edges_ref(section, acts[sec], lib.layers[sec], lib.layers[sec + 1])
+        torch.testing.assert_close(lib.edges[sec], ref, rtol=1e-9, atol=1e-14)
+
+
+def test_jacobian_rows_in_an_output_basis_and_probes_match_the_neuron_rows():
+    model, x = TinyTransformer(seed=3), torch.randint(0, 7, (40, 4))
+    lib = build_graphs(model, ["resid_pre", "resid_mid", "logits"], [x], kinds=("lib",))["lib"]
+    layer_in, layer_out = NodeLayer("resid_pre"), NodeLayer("resid_mid")
+    rule, fwd = integration_rule("gauss-legendre", 2), (lambda m, i: m(i))
+    _, jac = integrated_jacobian(model, layer_in, layer_out, x, rule, fwd)  # (N, 4, 1, d_out, d_in)
+    _, g = integrated_jacobian(model, layer_in, layer_out, x, rule, fwd, out_basis=lib.layers[1])
+    assert g.shape == (40, 4, 1, lib.dims[1], jac.shape[-1])
+    torch.testing.assert_close(g, project(jac, lib.layers[1]), rtol=1e-10, atol=1e-12)
+    w = torch.randn(2, 1, jac.shape[3], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    probes = integrated_vjp(model, layer_in, layer_out, x, rule, fwd, w)  # (N, 4, 2, d_in)
+    torch.testing.assert_close(probes, torch.einsum("rd,nsde->nsre", w[:, 0], jac[:, :, 0]), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="do not match the section's output"):
+        integrated_vjp(model, layer_in, layer_out, x, rule, fwd, w[:, :, :3])
