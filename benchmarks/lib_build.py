@@ -137,13 +137,13 @@ def _child(args) -> None:
     print(json.dumps({"impl": args.impl, "n": args.n, "wall_s": wall, "peak_mb": peak_mb, "phases": phases}))
 
 
-def _compare(a_path: str, b_path: str) -> float:
-    """Largest relative error of Lambdas and edges on directions with Λ above 1e-8 of the largest."""
+def _compare(a_path: str, b_path: str) -> tuple[float, float]:
+    """Largest relative errors of Lambdas and of edges on directions with Λ above 1e-8 of the largest."""
     a, b = torch.load(a_path), torch.load(b_path)
-    worst = 0.0
+    lam_err, edge_err = 0.0, 0.0
     for la, lb in zip(a["lambdas"], b["lambdas"]):
         keep = la[1:] > 1e-8 * la[1:].max()
-        worst = max(worst, ((la[1:][keep] - lb[1:][keep]).abs() / la[1:][keep]).max().item())
+        lam_err = max(lam_err, ((la[1:][keep] - lb[1:][keep]).abs() / la[1:][keep]).max().item())
     for sec, (ea, eb) in enumerate(zip(a["edges"], b["edges"])):
         lam_in, lam_out = a["lambdas"][sec], a["lambdas"][sec + 1]
         rows = torch.ones(len(lam_out), dtype=torch.bool) if sec + 1 == len(a["lambdas"]) - 1 else lam_out > 1e-8 * lam_out[1:].max()
@@ -151,8 +151,8 @@ def _compare(a_path: str, b_path: str) -> float:
         rows[0], cols[0] = False, False  # constant node excluded, as in sparsity and modularity
         sub_a, sub_b = ea[rows][:, cols], eb[rows][:, cols]
         scale = sub_a.abs().max()
-        worst = max(worst, ((sub_a - sub_b).abs() / scale).max().item())
-    return worst
+        edge_err = max(edge_err, ((sub_a - sub_b).abs() / scale).max().item())
+    return lam_err, edge_err
 
 
 def main() -> None:
@@ -163,7 +163,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--chunk-size", type=int, default=256)
-    parser.add_argument("--cache-mb", type=int, default=1024)
+    parser.add_argument("--cache-mb", type=int, default=2048)
     parser.add_argument("--ckpt", default=None, help="a Lightning checkpoint of configs/modadd.yaml (default: random init)")
     parser.add_argument("--save", default=None)
     args = parser.parse_args()
@@ -171,9 +171,9 @@ def main() -> None:
         _child(args)
         return
 
-    def run(impl: str, n: int, save: str | None = None) -> dict:
+    def run(impl: str, n: int, save: str | None = None, chunk_size: int | None = None) -> dict:
         cmd = [sys.executable, __file__, "--impl", impl, "--n", str(n), "--threads", str(args.threads),
-               "--chunk-size", str(args.chunk_size), "--cache-mb", str(args.cache_mb)]
+               "--chunk-size", str(chunk_size or args.chunk_size), "--cache-mb", str(args.cache_mb)]
         cmd += ["--ckpt", args.ckpt] if args.ckpt else []
         cmd += ["--save", save] if save else []
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -187,13 +187,18 @@ def main() -> None:
         for impl in rows:
             rows[impl].append(run(impl, n, save=f"{tmp}/lib_{impl}.pt" if r == 0 else None))
     ref = statistics.median(x["wall_s"] for x in rows["reference"])
-    print(f"\n| implementation (n={n}) | median wall s | ratio vs reference | peak MB | max rel. error vs reference | phases (s, last run) |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n| implementation (n={n}) | median wall s | runs (s) | ratio vs reference | peak MB | max rel. error of Λ / edges vs reference | phases (s, last run) |")
+    print("|---|---|---|---|---|---|---|")
     for impl, runs in rows.items():
         wall = statistics.median(x["wall_s"] for x in runs)
-        err = 0.0 if impl == "reference" else _compare(f"{tmp}/lib_reference.pt", f"{tmp}/lib_{impl}.pt")
+        lam, edge = (0.0, 0.0) if impl == "reference" else _compare(f"{tmp}/lib_reference.pt", f"{tmp}/lib_{impl}.pt")
         phases = ", ".join(f"{k} {v:.1f}" for k, v in runs[-1]["phases"].items())
-        print(f"| {impl} | {wall:.1f} | {ref / wall:.2f}x | {max(x['peak_mb'] for x in runs):.0f} | {err:.1e} | {phases} |")
+        walls = ", ".join(f"{x['wall_s']:.1f}" for x in runs)
+        print(f"| {impl} | {wall:.1f} | {walls} | {ref / wall:.2f}x | {max(x['peak_mb'] for x in runs):.0f} | {lam:.1e} / {edge:.1e} | {phases} |")
+    # The float64 floor: the same exact computation summed in another order (chunks of 383, not 256).
+    run("ours-recon", n, save=f"{tmp}/lib_floor.pt", chunk_size=383)
+    lam, edge = _compare(f"{tmp}/lib_ours-recon.pt", f"{tmp}/lib_floor.pt")
+    print(f"\nsummation-order floor (ours-recon, chunks of 383 vs {args.chunk_size}): Λ {lam:.1e}, edges {edge:.1e}")
     print("\n| n examples | ours: wall s | ours: peak MB | ours-nocache: wall s | ours-nocache: peak MB |")
     print("|---|---|---|---|---|")
     for size in args.sizes:
