@@ -86,19 +86,27 @@ def _integrated_vjps(
     """
     batch, pos_in, d_in = acts.shape
     rows = None
-    for alpha, weight in zip(rule.alphas.tolist(), rule.weights.tolist()):
+    for q, (alpha, weight) in enumerate(zip(rule.alphas.tolist(), rule.weights.tolist())):
         leaf = (alpha * acts).detach().requires_grad_(True)
         with torch.enable_grad():
             out = run_section(model, layer_in, layer_out, inputs, lambda _: leaf, forward)
         n_rows, cotangent = cotangents(out)
         if rows is None:
-            rows = torch.zeros(batch, pos_in, n_rows, d_in, dtype=acts.dtype, device=acts.device)
+            rows = torch.empty(batch, pos_in, n_rows, d_in, dtype=acts.dtype, device=acts.device)
         for r in range(n_rows):
             (grad,) = torch.autograd.grad(
                 out, leaf, cotangent(r).expand(out.shape), retain_graph=r + 1 < n_rows, allow_unused=True
             )
-            if grad is not None:
-                rows[:, :, r].add_(grad, alpha=weight)
+            row = rows[:, :, r]  # (batch, pos_in, d_in)
+            if grad is None:  # the section does not depend on its input along this row
+                if q == 0:
+                    row.zero_()
+            elif q == 0:
+                row.copy_(grad)
+                if weight != 1.0:
+                    row.mul_(weight)
+            else:
+                row.add_(grad, alpha=weight)
         del out, leaf
     return rows
 
