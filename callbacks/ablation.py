@@ -15,8 +15,9 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from callbacks.lib_analysis import LIBAnalysis, _atomic_write_text
+from callbacks.lib_analysis import LIBAnalysis
 from lib_lightning.core.ablation import edge_ablation, node_ablation, smallest_passing
+from lib_lightning.core.files import atomic_write_text
 from lib_lightning.core.lib import build_graphs
 
 __all__ = ["Ablation"]
@@ -126,7 +127,7 @@ class Ablation(LIBAnalysis):
         if trainer.is_global_zero:
             self._log(trainer, metrics, step)
             os.makedirs(folder, exist_ok=True)
-            _atomic_write_text(os.path.join(folder, f"step_{step:08d}.json"),
+            atomic_write_text(os.path.join(folder, f"step_{step:08d}.json"),
                                json.dumps({"step": step, "metrics": metrics, "curves": curves}, indent=1))
         required = {k.split("/", 1)[1]: int(v) for k, v in metrics.items() if k.endswith("edges_required")}
         rank_zero_info(f"ablation step {step}: edges required {required}")

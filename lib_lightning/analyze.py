@@ -20,7 +20,6 @@ import argparse
 import importlib
 import json
 import os
-import tempfile
 import time
 from typing import Any
 
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 
 from lib_lightning.core.ablation import edge_ablation, node_ablation, smallest_passing
 from lib_lightning.core.capture import NodeLayer, capture
+from lib_lightning.core.files import atomic_write
 from lib_lightning.core.fourier import (
     community_frequencies,
     embedding_frequency_power,
@@ -184,30 +184,16 @@ def _subset(n: int, size: int | None, seed: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- outputs
-def _atomic(path: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the outputs private
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _write_json(path: str, obj: Any) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=1, default=lambda x: x.tolist() if isinstance(x, torch.Tensor) else str(x))
 
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def _write_figure(path: str, fig) -> None:
-    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
 def plot_node_ablation(curves: dict[str, list], tolerance: float):
