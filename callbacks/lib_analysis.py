@@ -13,7 +13,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lib_lightning.core.capture import NodeLayer, capture, default_forward, resolve_modules
 from lib_lightning.core.degeneracy import coactivation_groups, coactivation_signature_update
+from lib_lightning.core.files import atomic_write_text
 from lib_lightning.core.integration import integration_rule
 from lib_lightning.core.lib import KINDS, build_graphs, save_graphs
 from lib_lightning.core.summary import Snapshot, SummaryOptions, short_names, spectrum, summarise
@@ -72,15 +72,6 @@ def _num_threads(threads: int | None) -> Any:
         torch.set_num_threads(before)
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp creates owner-only files
-    os.replace(tmp, path)
-
-
 class LIBAnalysis(Callback):
     """Builds LIB (and PCA / neuron baselines) on a fixed analysis set on a schedule and logs what it finds.
 
@@ -99,8 +90,10 @@ class LIBAnalysis(Callback):
             ``pl_module(inputs)``.
         batch_inputs: ``"pkg.module:function"`` mapping a dataloader batch to model inputs; default the
             first element of a tuple batch.
-        rule, n_intervals, center, rotate_final, abs_threshold, rel_threshold, edge_point: see
-            :func:`lib_lightning.core.lib.build_graphs` (thresholds there truncate the bases).
+        rule, n_intervals, center, rotate_final, abs_threshold, rel_threshold, edge_point,
+            position_sources: see :func:`lib_lightning.core.lib.build_graphs` (thresholds there truncate
+            the bases; position sources, seeded by ``seed``, make sections with many output positions
+            affordable).
         dim_abs_threshold, dim_rel_threshold: thresholds of the logged kept-dimension counts.
         sparsity, modularity, evolution: turn each part of the metrics on or off.
         weighting, resolution: modularity graph weighting (``"log"``, ``"sqrt"``, ``"normalized"``) and
@@ -137,6 +130,7 @@ class LIBAnalysis(Callback):
         abs_threshold: float = 1e-12,
         rel_threshold: float = 0.0,
         edge_point: str = "activation",
+        position_sources: int | None = None,
         dim_abs_threshold: float = 1e-10,
         dim_rel_threshold: float = 1e-3,
         sparsity: bool = True,
@@ -178,6 +172,8 @@ class LIBAnalysis(Callback):
                 raise ValueError(f"{arg} must be >= 1, got {value}")
         if cache_mb < 0:
             raise ValueError(f"cache_mb must be >= 0, got {cache_mb}")
+        if position_sources is not None and position_sources < 1:
+            raise ValueError(f"position_sources must be None or >= 1, got {position_sources}")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
         if threads is not None and threads < 1:
@@ -193,7 +189,7 @@ class LIBAnalysis(Callback):
         self.build_kwargs = dict(
             kinds=self.kinds, rule=rule, n_intervals=n_intervals, center=center, rotate_final=rotate_final,
             abs_threshold=abs_threshold, rel_threshold=rel_threshold, edge_point=edge_point,
-            chunk_size=chunk_size, cache_bytes=cache_mb << 20, dtype=_DTYPES[dtype],
+            position_sources=position_sources, seed=seed, chunk_size=chunk_size, cache_bytes=cache_mb << 20, dtype=_DTYPES[dtype],
         )
         self.relu_layers = [NodeLayer.parse(layer) for layer in relu_layers]
         self.images, self.histograms, self.save = images, histograms, save
@@ -448,7 +444,7 @@ class LIBAnalysis(Callback):
     def _save(self, folder: str, graphs, metrics: dict[str, float], step: int) -> None:
         os.makedirs(folder, exist_ok=True)
         save_graphs(graphs, os.path.join(folder, f"step_{step:08d}.pt"))
-        _atomic_write_text(os.path.join(folder, f"step_{step:08d}.json"), json.dumps({"step": step, "metrics": metrics}, indent=1))
+        atomic_write_text(os.path.join(folder, f"step_{step:08d}.json"), json.dumps({"step": step, "metrics": metrics}, indent=1))
 
     def _one_line(self, step: int, metrics: dict[str, float], seconds: float) -> str:
         dims = " ".join(f"{n}={int(metrics.get(f'lib/{n}/dim_rel', -1))}" for n in self._names if f"lib/{n}/dim_rel" in metrics)

@@ -9,6 +9,7 @@ memory stays at one chunk). The model must treat examples independently
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -20,7 +21,7 @@ from lib_lightning.core.capture import Forward, NodeLayer, capture, run_section,
 from lib_lightning.core.integration import IntegrationRule
 
 __all__ = [
-    "select_examples",
+    "batch_size",
     "split_batch",
     "chunks",
     "integrated_jacobian",
@@ -32,19 +33,20 @@ __all__ = [
 ]
 
 
-def _batch_size(inputs: Any) -> int:
+def batch_size(inputs: Any) -> int:
+    """The number of examples in model inputs (a tensor, or a tuple/list/dict of tensors, batch first)."""
     if isinstance(inputs, torch.Tensor):
         return inputs.shape[0]
     if isinstance(inputs, (list, tuple)):
-        return _batch_size(inputs[0])
+        return batch_size(inputs[0])
     if isinstance(inputs, dict):
-        return _batch_size(next(iter(inputs.values())))
+        return batch_size(next(iter(inputs.values())))
     raise TypeError(f"cannot find the batch dimension of model inputs of type {type(inputs).__name__}")
 
 
 def split_batch(inputs: Any, chunk_size: int) -> Iterator[Any]:
     """Splits model inputs (a tensor, or a tuple/list/dict of tensors, batch first) into chunks."""
-    n = _batch_size(inputs)
+    n = batch_size(inputs)
     for start in range(0, n, chunk_size):
         yield select_examples(inputs, slice(start, start + chunk_size))
 
@@ -81,7 +83,8 @@ def _integrated_vjps(
     """Σ_q ω_q wᵣᵀ ∂f^{l+1}/∂f^l at α_q·acts for every cotangent wᵣ: ``(batch, pos_in, n_rows, d_in)``.
 
     ``cotangents(out)`` receives the section's output ``(batch, pos_out, d_out)`` and returns the number
-    of rows and a function giving row r's cotangent ``(pos_out, d_out)``, the same for every example.
+    of rows and a function giving row r's cotangent, ``(pos_out, d_out)`` for every example alike or
+    ``(batch, pos_out, d_out)``.
     One VJP of the batch sum per row (the model must treat examples independently).
     """
     batch, pos_in, d_in = acts.shape
@@ -120,6 +123,7 @@ def integrated_jacobian(
     forward: Forward,
     point: Callable[[torch.Tensor], torch.Tensor] | None = None,
     out_basis: LayerBasis | None = None,
+    signs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The activation of ``layer_in`` and J̄ of the section, for one chunk.
 
@@ -131,13 +135,19 @@ def integrated_jacobian(
     ĝ = J̄ C^{l+1} directly: one VJP per kept feature instead of one per neuron, and no projection
     afterwards. Without it, the rows are the output neurons.
 
+    ``signs`` ``(batch, n_sources, pos_out)`` of ±1 replaces the output positions by stochastic sources
+    (spec §3): row (r, i) is Σ_t φ_{x,r,t} J̄_{t,i} / √R. Every quantity quadratic in the rows (M′, the
+    squared edges) then sums over r to an unbiased estimate of its sum over t, exact when pos_out = 1,
+    with R VJPs per feature instead of pos_out.
+
     Returns:
-        acts ``(batch, pos_in, d_in)`` and jac ``(batch, pos_in, pos_out, k, d_in)``, ``k`` = ``d_out`` or
-        ``out_basis.d_lib`` (for each input position, the rows and input coordinates are a matrix, so
-        that the contractions with the input basis are plain matrix products).
+        acts ``(batch, pos_in, d_in)`` and jac ``(batch, pos_in, pos_out, k, d_in)`` (``pos_out`` becomes
+        ``n_sources`` with ``signs``), ``k`` = ``d_out`` or ``out_basis.d_lib`` (for each input position,
+        the rows and input coordinates are a matrix, so that the contractions with the input basis are
+        plain matrix products).
 
     Raises:
-        ValueError: if the activation or the Jacobian contains NaN or Inf.
+        ValueError: if the activation or the Jacobian contains NaN or Inf, or ``signs`` do not match.
     """
     acts = _point(model, layer_in, inputs, forward, point)
     shape: list[int] = []
@@ -149,6 +159,15 @@ def integrated_jacobian(
         else:
             cot = out_basis.basis[:d_out].to(device=out.device, dtype=out.dtype)  # (d_out, k)
         k = cot.shape[1]
+        if signs is not None:
+            if signs.shape[0] != out.shape[0] or signs.dim() != 3 or signs.shape[2] != pos_out:
+                raise ValueError(
+                    f"signs of shape {tuple(signs.shape)} do not match (batch, n_sources, pos_out) = "
+                    f"({out.shape[0]}, n_sources, {pos_out})"
+                )
+            phi = signs.to(device=out.device, dtype=out.dtype) / math.sqrt(signs.shape[1])
+            shape[:] = [signs.shape[1], k]
+            return signs.shape[1] * k, lambda r: phi[:, r // k, :, None] * cot[:, r % k]  # (batch, pos_out, d_out)
         shape[:] = [pos_out, k]
         grad_out = torch.zeros(pos_out, d_out, dtype=out.dtype, device=out.device)
 

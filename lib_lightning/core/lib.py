@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,8 +31,10 @@ from lib_lightning.core.capture import (
     default_forward,
     select_examples,
 )
+from lib_lightning.core.files import atomic_write
 from lib_lightning.core.integration import integration_rule
 from lib_lightning.core.jacobian import (
+    batch_size,
     chunks,
     edges_update,
     integrated_jacobian,
@@ -96,18 +97,7 @@ class InteractionGraph:
 
 def save_graphs(graphs: dict[str, InteractionGraph], path: str | os.PathLike) -> None:
     """Writes graphs atomically (temporary file in the same folder, then rename)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({kind: g.to_state() for kind, g in graphs.items()}, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files; these are ordinary results
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: torch.save({kind: g.to_state() for kind, g in graphs.items()}, tmp))
 
 
 def load_graphs(path: str | os.PathLike) -> dict[str, InteractionGraph]:
@@ -188,7 +178,9 @@ def build_graphs(
     rel_threshold: float = 0.0,
     max_features: int | None = None,
     edge_point: str = "activation",
-    reuse_rtol: float = 1e-12,
+    reuse_rtol: float = 1e-10,
+    position_sources: int | None = None,
+    seed: int = 0,
     chunk_size: int = 256,
     cache_bytes: int = 2 << 30,
     dtype: torch.dtype | None = torch.float64,
@@ -218,7 +210,14 @@ def build_graphs(
             ``reuse_rtol`` × the largest activation; for a cached LIB chunk, also per example when the
             integrated VJPs in two random directions agree at both points to ``reuse_rtol`` (affine and
             ReLU sections whose pattern does not change); everything else is recomputed at f C C⁺. The
-            two points agree when truncation only drops directions without variance (spec §11).
+            two points agree when truncation only drops directions without variance (spec §11). The
+            default 1e-10 sits above the rounding of f C C⁺ itself (1e-11 relative was measured for a
+            full-rank basis of the trained transformer), which is not a different point.
+        position_sources: if set, R stochastic sources replace the output positions of every section
+            (spec §3, Rademacher signs): R VJPs per output feature instead of one per position, with M′
+            and the squared edges unbiased (exact for single-position outputs). For sections whose
+            output has many positions (sequence models, conv feature maps).
+        seed: seeds the signs, drawn per section and chunk, so repeated runs and recomputed chunks agree.
         chunk_size: examples per Jacobian chunk; bounds the working memory.
         cache_bytes: memory budget for keeping Jacobian chunks between the basis and the LIB edges
             (0: always recompute; past the budget, chunks are recomputed). 2 GiB by default: the
@@ -235,6 +234,8 @@ def build_graphs(
     if len(node_layers) < 2:
         raise ValueError(f"need at least 2 node layers, got {len(node_layers)}")
     batches = _validate(kinds, chunk_size, cache_bytes, edge_point, batches)
+    if position_sources is not None and position_sources < 1:
+        raise ValueError(f"position_sources must be None or >= 1, got {position_sources}")
     int_rule = integration_rule(rule, n_intervals)
     reduce = reduce or (lambda t: t)
     report = progress or (lambda phase, done, total: None)
@@ -243,7 +244,7 @@ def build_graphs(
     with torch.inference_mode(False), analysis_mode(model, dtype):
         # One pass: means and Gram matrices of every node layer.
         stats: list[ActivationStats | None] = [None] * len(node_layers)
-        n_examples = 0
+        n_examples, positions = 0, []
         for b, inputs in enumerate(batches):
             inputs = _prepare(inputs, dtype)
             if b == 0 and check_cuts:  # on a few examples: the checks compare single examples
@@ -259,6 +260,7 @@ def build_graphs(
                 part = stats_update(a)
                 stats[i] = part if stats[i] is None else stats[i] + part
             n_examples += acts[0].shape[0]
+            positions = [a.shape[1] for a in acts]
             report("statistics", b + 1, n_batches)
         if stats[0] is None:
             raise ValueError("the analysis dataset is empty: no batch was given")
@@ -292,13 +294,29 @@ def build_graphs(
             # features directly. Otherwise in neurons, projected onto each kind's basis.
             shared = first if all(torch.equal(o.basis, first.basis) for o in outs.values()) else None
 
+            def signs(inputs: Any, c: int) -> torch.Tensor | None:
+                """Rademacher signs ``(batch, R, pos_out)`` of chunk c, the same whenever it is recomputed."""
+                if position_sources is None:
+                    return None
+                gen = torch.Generator().manual_seed(hash((seed, sec, c)) & (2**62 - 1))
+                shape = (batch_size(inputs), position_sources, positions[sec + 1])
+                return torch.randint(0, 2, shape, generator=gen, dtype=torch.float64) * 2 - 1
+
             def jacobian(
-                inputs: Any, c: int, out_basis: LayerBasis | None, at: LayerBasis | None = None
+                inputs: Any,
+                c: int,
+                out_basis: LayerBasis | None,
+                at: LayerBasis | None = None,
+                only: torch.Tensor | None = None,
             ) -> tuple[torch.Tensor, torch.Tensor]:
+                """J̄ of chunk c (of its examples ``only``), at the activation or at its reconstruction in ``at``."""
                 point = None if at is None else (lambda a: at.reconstruct(at.transform(a)).to(a.dtype))
+                phi = signs(inputs, c)
+                if only is not None:
+                    inputs, phi = select_examples(inputs, only), None if phi is None else phi[only]
                 try:
                     return integrated_jacobian(
-                        model, layer_in, layer_out, _prepare(inputs, dtype), int_rule, forward, point, out_basis
+                        model, layer_in, layer_out, _prepare(inputs, dtype), int_rule, forward, point, out_basis, phi
                     )
                 except ValueError as err:
                     raise ValueError(f"{err} (chunk {c} of {chunk_size} examples)") from err
@@ -320,7 +338,7 @@ def build_graphs(
                 basis, inputs = bases["lib"][sec], _prepare(inputs, dtype)
                 rec = lambda a: basis.reconstruct(basis.transform(a)).to(a.dtype)  # noqa: E731
                 gen = torch.Generator().manual_seed(c)
-                w = torch.randn((2, g.shape[2], outs["lib"].d), generator=gen, dtype=torch.float64)
+                w = torch.randn((2, positions[sec + 1], outs["lib"].d), generator=gen, dtype=torch.float64)
                 try:
                     here = integrated_vjp(model, layer_in, layer_out, inputs, int_rule, forward, w).flatten(1)
                     there = integrated_vjp(model, layer_in, layer_out, inputs, int_rule, forward, w, rec).flatten(1)
@@ -330,7 +348,7 @@ def build_graphs(
                 if not same.all():
                     redo = (~same).nonzero().squeeze(1)
                     g = g.clone()
-                    g[redo] = jacobian(select_examples(inputs, redo), c, outs["lib"], basis)[1]
+                    g[redo] = jacobian(inputs, c, outs["lib"], basis, only=redo)[1]
                 return rec(acts), g
 
             m_sum, count, cached_bytes = None, 0.0, 0

@@ -204,6 +204,7 @@ def test_two_process_ddp_gives_the_same_graphs_as_one_process(tmp_path):
         ({"every_n_steps": 5, "dtype": "float16"}, r"dtype must be one of \('float64', 'float32'\)"),
         ({"every_n_steps": 5, "rule": "simpson"}, "unknown integration rule 'simpson'"),
         ({"every_n_steps": 5, "forward": "no_colon"}, "expected an import path"),
+        ({"every_n_steps": 5, "position_sources": 0}, "position_sources must be None or >= 1, got 0"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -10,7 +10,14 @@ from torch import nn
 from torch.func import jacrev, vmap
 
 from lib_lightning.core.capture import NodeLayer, capture
-from lib_lightning.core.jacobian import edge_attributions, integrated_jacobian, integrated_vjp, project
+from lib_lightning.core.jacobian import (
+    edge_attributions,
+    edges_update,
+    integrated_jacobian,
+    integrated_vjp,
+    m_prime_update,
+    project,
+)
 from lib_lightning.core.integration import integration_rule
 from lib_lightning.core.lib import build_graphs, load_graphs, save_graphs
 from lib_lightning.core.stats import augment
@@ -449,3 +456,74 @@ def test_jacobian_rows_in_an_output_basis_and_probes_match_the_neuron_rows():
     torch.testing.assert_close(probes, torch.einsum("rd,nsde->nsre", w[:, 0], jac[:, :, 0]), rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="do not match the section's output"):
         integrated_vjp(model, layer_in, layer_out, x, rule, fwd, w[:, :, :3])
+
+
+class Mixer(nn.Module):
+    """``inp (batch, 4, 3)`` -> per-position linear, mixed across positions, tanh -> ``hid (batch, 4, 5)``
+    -> linear readout of every position -> ``out (batch, 2)``: a section with 4 output positions."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.inp, self.hid, self.out = nn.Identity(), nn.Identity(), nn.Identity()
+        self.lin, self.head = nn.Linear(3, 5), nn.Linear(20, 2)
+        self.mix = nn.Parameter(torch.empty(4, 4))
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.8)
+        self.double()
+
+    def forward(self, x):
+        h = self.hid(torch.tanh(torch.einsum("st,btd->bsd", self.mix, self.lin(self.inp(x)))))
+        return self.out(self.head(h.flatten(1)))
+
+
+def mixer_inputs(n=48):
+    return torch.randn(n, 4, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.3
+
+
+def test_t13_position_sources_average_to_the_exact_sums_over_every_sign_pattern():
+    """E_φ[(Σ_t φ_t a_t)²] = Σ_t a_t²: averaging M′ and the squared edges over all 2⁴ sign patterns is exact."""
+    model, x = Mixer(), mixer_inputs()
+    lib = build_graphs(model, ["inp", "hid", "out"], [x], kinds=("lib",))["lib"]
+    layer_in, layer_out, rule = NodeLayer("inp"), NodeLayer("hid"), integration_rule("gauss-legendre", 1)
+    args = (model, layer_in, layer_out, x, rule, lambda m, i: m(i))
+    acts, exact = integrated_jacobian(*args, out_basis=lib.layers[1])  # (N, 4, 4, k, 3)
+    m_sum, e_sum = torch.zeros(4, 4, dtype=torch.float64), 0.0
+    patterns = torch.cartesian_prod(*[torch.tensor([-1.0, 1.0], dtype=torch.float64)] * 4)  # (16, 4)
+    for phi in patterns:
+        _, g = integrated_jacobian(*args, out_basis=lib.layers[1], signs=phi.expand(len(x), 1, 4))
+        assert g.shape == (len(x), 4, 1, lib.dims[1], 3)
+        m_sum += m_prime_update(g) / len(patterns)
+        e_sum += edges_update(acts, g, lib.layers[0]) / len(patterns)
+    torch.testing.assert_close(m_sum, m_prime_update(exact), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(e_sum, edges_update(acts, exact, lib.layers[0]), rtol=1e-12, atol=1e-14)
+    one = patterns[5].expand(len(x), 1, 4)  # a single pattern is not the exact value
+    assert not torch.allclose(m_prime_update(integrated_jacobian(*args, out_basis=lib.layers[1], signs=one)[1]), m_prime_update(exact))
+    with pytest.raises(ValueError, match="do not match"):
+        integrated_jacobian(*args, signs=torch.ones(len(x), 1, 3, dtype=torch.float64))
+
+
+def test_t13_single_source_is_exact_for_single_position_outputs(mlp_setup):
+    model, x, graphs, _ = mlp_setup
+    stochastic = build_graphs(model, LAYERS, [x], kinds=("lib", "pca"), position_sources=1, seed=3)
+    for kind in ("lib", "pca"):
+        for a, b in zip(graphs[kind].layers, stochastic[kind].layers):
+            torch.testing.assert_close(a.lambdas, b.lambdas, rtol=1e-10, atol=1e-15)
+        for a, b in zip(graphs[kind].edges, stochastic[kind].edges):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-15)
+
+
+def test_position_sources_are_seeded_per_chunk_and_recomputed_chunks_agree():
+    model, x = Mixer(), mixer_inputs()
+    run = lambda **kw: build_graphs(model, ["inp", "hid", "out"], [x], kinds=("lib",), position_sources=2, chunk_size=16, **kw)["lib"]  # noqa: E731
+    cached, recomputed, other = run(seed=1), run(seed=1, cache_bytes=0), run(seed=2)
+    exact = build_graphs(model, ["inp", "hid", "out"], [x], kinds=("lib",))["lib"]
+    for a, b in zip(cached.edges, recomputed.edges):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(cached.layers[0].lambdas, other.layers[0].lambdas)
+    # the estimate sits near the exact Λ of the input layer (4 positions, 2 sources, 48 examples)
+    lam, lam_exact = cached.layers[0].lambdas[1:], exact.layers[0].lambdas[1:]
+    assert ((lam - lam_exact).abs() / lam_exact).max() < 0.5
+    with pytest.raises(ValueError, match="position_sources must be None or >= 1, got 0"):
+        build_graphs(model, ["inp", "hid", "out"], [x], position_sources=0)
