@@ -17,14 +17,12 @@ for the modular-addition task.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import time
 from typing import Any
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from lib_lightning.core.ablation import edge_ablation, node_ablation, smallest_passing
@@ -42,19 +40,17 @@ from lib_lightning.core.fourier import (
 from lib_lightning.core.lib import analysis_mode, build_graphs, save_graphs
 from lib_lightning.core.modularity import find_communities, interaction_graph
 from lib_lightning.core.summary import short_names, spectrum, summarise
+from lib_lightning.loading import lib_settings, load_datamodule, load_task, read_config
 from lib_lightning.models.transformer import ModAddTransformer
+from lib_lightning.plotting import (
+    add_community_legend,
+    plot_edge_ablation,
+    plot_interaction_graph,
+    plot_node_ablation,
+    plot_spectra,
+)
 
-__all__ = ["main", "analyze", "load_task", "parse_args"]
-
-MODADD_TASK = "lib_lightning.tasks.classifier.ModularAddition"
-MODADD_DATA = "lib_lightning.data.modadd.ModularAdditionDataModule"
-LIB_CALLBACK = "callbacks.lib_analysis.LIBAnalysis"
-MODADD_LIB = {  # the main job's callback settings (configs/modadd.yaml)
-    "layers": ["model.hook_resid_pre", "model.hook_resid_mid", "model.hook_resid_post", "model.hook_logits"],
-    "kinds": ["lib", "pca"], "every_n_steps": 125, "split": "train", "size": 500,
-    "relu_layers": ["model.hook_mlp_hidden"],
-}
-
+__all__ = ["main", "analyze", "parse_args"]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lib_lightning analyze", description=__doc__.split("\n\n")[0])
@@ -90,84 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# ----------------------------------------------------------------------------- loading
-def _import(class_path: str) -> type:
-    module, _, name = class_path.rpartition(".")
-    if not module:
-        raise ValueError(f"expected a class path 'package.module.Class', got {class_path!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def _plain(hparams: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in hparams.items() if not k.startswith("_")}
-
-
-def _read_config(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
-    path = args.config
-    if path is None:
-        beside = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), os.pardir, "config.yaml")
-        path = beside if os.path.isfile(beside) else None
-    if path is None:
-        return {}, None
-    with open(path) as f:
-        return yaml.safe_load(f) or {}, os.path.normpath(path)
-
-
-def load_task(ckpt: str, config: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """The LightningModule with the checkpoint's weights (eval mode), and the raw checkpoint dict.
-
-    A Lightning checkpoint names its class in ``hyper_parameters["_class_path"]`` (LightningCLI) or via
-    the config's ``model.class_path``, else the modular-addition task is assumed. A plain state dict
-    (of the task or of its ``model``) takes its class and arguments from the config.
-    """
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    model_cfg = config.get("model") or {}
-    if isinstance(state, dict) and "state_dict" in state:
-        hparams = dict(state.get("hyper_parameters") or {})
-        class_path = hparams.get("_class_path") or model_cfg.get("class_path") or MODADD_TASK
-        task = _import(class_path)(**_plain(hparams))
-        task.load_state_dict(state["state_dict"])
-    else:
-        if not model_cfg:
-            raise ValueError(f"{ckpt!r} is a plain state dict: give --config with a model section to build the model")
-        task = _import(model_cfg["class_path"])(**(model_cfg.get("init_args") or {}))
-        try:
-            task.load_state_dict(state)
-        except RuntimeError:
-            inner = getattr(task, "model", None)
-            if inner is None:
-                raise
-            inner.load_state_dict(state)
-        state = {}
-    return task.eval(), state
-
-
-def _load_datamodule(config: dict[str, Any], state: dict[str, Any], task: Any) -> Any:
-    data_cfg = config.get("data") or {}
-    if data_cfg:
-        return _import(data_cfg["class_path"])(**(data_cfg.get("init_args") or {}))
-    hparams = dict(state.get("datamodule_hyper_parameters") or {})
-    modadd = isinstance(getattr(task, "model", None), ModAddTransformer)
-    class_path = hparams.get("_class_path") or (MODADD_DATA if modadd else None)
-    if class_path is None:
-        raise ValueError("cannot tell which datamodule the model was trained on: give --config with a data section")
-    return _import(class_path)(**_plain(hparams))
-
-
-def _lib_settings(config: dict[str, Any], task: Any) -> Any:
-    """The LIB callback the config names, built from its class path as LightningCLI would (so this package
-    does not import the callbacks package); its parsed settings (``layers``, ``build_kwargs``, ``options``,
-    ``forward``, ``split``, ``size``, ``seed`` ...) are the analysis settings."""
-    callbacks = (config.get("trainer") or {}).get("callbacks") or []
-    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-    for entry in callbacks:
-        if isinstance(entry, dict) and str(entry.get("class_path", "")).endswith("LIBAnalysis"):
-            return _import(entry["class_path"])(**(entry.get("init_args") or {}))
-    if isinstance(getattr(task, "model", None), ModAddTransformer):
-        return _import(LIB_CALLBACK)(**MODADD_LIB)
-    raise ValueError("no LIBAnalysis callback in the config to take the node layers from: give --config with one")
-
-
+# ----------------------------------------------------------------------------- data
 def _split_tensors(dm: Any, split: str, batch_inputs) -> tuple[Any, torch.Tensor]:
     """``(inputs, labels)`` of a whole split, from ``<split>_tensors`` or the split's dataloader."""
     if hasattr(dm, f"{split}_tensors"):
@@ -194,74 +113,6 @@ def _write_json(path: str, obj: Any) -> None:
 
 def _write_figure(path: str, fig) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-
-
-def plot_node_ablation(curves: dict[str, list], tolerance: float):
-    """Accuracy (top) and loss (bottom) against features kept, one column per node layer, a line per kind."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    layers = list(dict.fromkeys(c.layer for kind_curves in curves.values() for c in kind_curves))
-    names = dict(zip(layers, short_names(layers)))
-    fig = Figure(figsize=(3.4 * len(layers), 5.6), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(2, len(layers), squeeze=False)
-    for kind, kind_curves in curves.items():
-        for c in kind_curves:
-            col = layers.index(c.layer)
-            ks = c.ks.double().clamp_min(0.5)  # k = 0 drawn at 0.5 on the log axis
-            axes[0, col].plot(ks, c.accuracy, marker=".", markersize=3, label=kind)
-            axes[1, col].plot(ks, c.loss, marker=".", markersize=3, label=kind)
-            axes[0, col].axhline(c.baseline_accuracy - tolerance, color="0.5", linewidth=0.6, linestyle=":")
-            axes[0, col].set_title(names[c.layer], fontsize="small")
-    for ax in axes.flat:
-        ax.set_xscale("log")
-        ax.legend(fontsize="x-small")
-    for ax in axes[1]:
-        ax.set_yscale("log")
-        ax.set_xlabel("features kept k (constant included)")
-    axes[0, 0].set_ylabel("accuracy (held out)")
-    axes[1, 0].set_ylabel("loss (held out)")
-    return fig
-
-
-def plot_edge_ablation(results: dict[str, list]):
-    """Accuracy against the number of strongest edges kept, one panel per section, a line per kind."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    sections = list(dict.fromkeys(r.section for rs in results.values() for r in rs))
-    fig = Figure(figsize=(3.6 * len(sections), 3.4), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(sections), squeeze=False)[0]
-    for kind, rs in results.items():
-        for r in rs:
-            ax = axes[sections.index(r.section)]
-            ks = r.ks.double().clamp_min(0.5)  # k = 0 drawn at 0.5 on the log axis
-            line = ax.plot(ks, r.accuracy, marker=".", markersize=4, label=f"{kind}: {r.n_required}")[0]
-            ax.axvline(max(r.n_required, 0.5), color=line.get_color(), linewidth=0.8, linestyle="--")
-            ax.axhline(r.baseline_accuracy - r.tolerance, color="0.5", linewidth=0.6, linestyle=":")
-            a, b = short_names(r.section.split("->"))
-            ax.set_title(f"{a} → {b}", fontsize="small")
-    for ax in axes:
-        ax.set_xscale("log")
-        ax.set_xlabel("edges kept")
-        ax.legend(fontsize="x-small", title="edges required", title_fontsize="x-small")
-    axes[0].set_ylabel("accuracy (held out)")
-    return fig
-
-
-def _community_legend(fig, communities: list[dict[str, Any]]) -> None:
-    """A legend: each community's colour (as in ``plot_interaction_graph``), frequency and purity."""
-    from matplotlib import colormaps
-    from matplotlib.lines import Line2D
-
-    palette = list(colormaps["tab10"].colors) + list(colormaps["tab20b"].colors)
-    handles = [Line2D([], [], marker="o", linestyle="", color=palette[c["community"] % len(palette)],
-                      label=f"k = {c['frequency']}, purity {c['purity']:.2f} ({c['size']} features)")
-               for c in communities]
-    fig.legend(handles=handles, loc="lower center", ncol=min(3, len(handles)), fontsize="small", frameon=False,
-               title="LIB communities: dominant frequency")
 
 
 # ----------------------------------------------------------------------------- the analysis
@@ -342,7 +193,7 @@ def analyze(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
-    config, config_path = _read_config(args)
+    config, config_path = read_config(args.ckpt, args.config)
     ablate = not args.no_ablation
     phases = ["load", "graphs", "summary", *(["node ablation", "edge ablation"] if ablate else []), "fourier", "figures"]
     bar = tqdm(total=len(phases), disable=args.no_progress, desc="analyze")
@@ -358,9 +209,9 @@ def analyze(args: argparse.Namespace) -> dict[str, Any]:
 
     bar.set_description("analyze: load")
     task, state = load_task(args.ckpt, config)
-    dm = _load_datamodule(config, state, task)
+    dm = load_datamodule(config, state, task)
     dm.prepare_data()  # fake data is written, missing data downloaded (or a message says where to put it)
-    cb = _lib_settings(config, task)
+    cb = lib_settings(config, task)
     seed = cb.seed if args.seed is None else args.seed
     size = None if args.size == "all" else (cb.size if args.size is None else args.size)
     if size is not None and hasattr(dm, "analysis_inputs"):
@@ -434,8 +285,6 @@ def analyze(args: argparse.Namespace) -> dict[str, Any]:
     done("fourier")
 
     bar.set_description("analyze: figures")
-    from lib_lightning.plotting import plot_interaction_graph, plot_spectra
-
     spectra = {name: {k: spectrum(g.layers[i]) for k, g in graphs.items()} for i, name in enumerate(names)
                if graphs["lib"].layers[i].kind != "identity"} if "lib" in graphs else {}
     if spectra:
@@ -443,7 +292,7 @@ def analyze(args: argparse.Namespace) -> dict[str, Any]:
     if summary.graph is not None and summary.graph.number_of_edges():
         fig = plot_interaction_graph(summary.graph, summary.communities, labels=labels)
         if "fourier" in result and result["fourier"].get("communities"):
-            _community_legend(fig, result["fourier"]["communities"])
+            add_community_legend(fig, result["fourier"]["communities"])
         _write_figure(os.path.join(args.out, "graph.png"), fig)
     if nodes:
         _write_figure(os.path.join(args.out, "node_ablation.png"), plot_node_ablation(nodes, args.tolerance))

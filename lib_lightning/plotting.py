@@ -6,7 +6,7 @@ backend, opens a window or keeps figures alive; :func:`figure_to_array` renders 
 
 from __future__ import annotations
 
-from typing import Hashable, Mapping, Sequence
+from typing import Any, Hashable, Mapping, Sequence
 
 import networkx as nx
 import numpy as np
@@ -15,11 +15,20 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from lib_lightning.core.modularity import Communities
+from lib_lightning.core.summary import short_names
 
-__all__ = ["figure_to_array", "plot_interaction_graph", "plot_spectra"]
+__all__ = [
+    "add_community_legend",
+    "figure_to_array",
+    "plot_edge_ablation",
+    "plot_interaction_graph",
+    "plot_node_ablation",
+    "plot_spectra",
+]
 
 _GREY = (0.7, 0.7, 0.7, 1.0)
 
@@ -155,3 +164,72 @@ def figure_to_array(fig: Figure) -> np.ndarray:
     canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def plot_node_ablation(curves: Mapping[str, Sequence[Any]], tolerance: float) -> Figure:
+    """Accuracy (top) and loss (bottom) against features kept, one column per node layer, a line per kind.
+
+    ``curves`` maps a basis kind to its :class:`lib_lightning.core.ablation.NodeAblation` results.
+    """
+
+    layers = list(dict.fromkeys(c.layer for kind_curves in curves.values() for c in kind_curves))
+    names = dict(zip(layers, short_names(layers)))
+    fig = Figure(figsize=(3.4 * len(layers), 5.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, len(layers), squeeze=False)
+    for kind, kind_curves in curves.items():
+        for c in kind_curves:
+            col = layers.index(c.layer)
+            ks = c.ks.double().clamp_min(0.5)  # k = 0 drawn at 0.5 on the log axis
+            axes[0, col].plot(ks, c.accuracy, marker=".", markersize=3, label=kind)
+            axes[1, col].plot(ks, c.loss, marker=".", markersize=3, label=kind)
+            axes[0, col].axhline(c.baseline_accuracy - tolerance, color="0.5", linewidth=0.6, linestyle=":")
+            axes[0, col].set_title(names[c.layer], fontsize="small")
+    for ax in axes.flat:
+        ax.set_xscale("log")
+        ax.legend(fontsize="x-small")
+    for ax in axes[1]:
+        ax.set_yscale("log")
+        ax.set_xlabel("features kept k (constant included)")
+    axes[0, 0].set_ylabel("accuracy (held out)")
+    axes[1, 0].set_ylabel("loss (held out)")
+    return fig
+
+
+def plot_edge_ablation(results: Mapping[str, Sequence[Any]]) -> Figure:
+    """Accuracy against the number of strongest edges kept, one panel per section, a line per kind.
+
+    ``results`` maps a basis kind to its :class:`lib_lightning.core.ablation.EdgeAblation` results.
+    """
+
+    sections = list(dict.fromkeys(r.section for rs in results.values() for r in rs))
+    fig = Figure(figsize=(3.6 * len(sections), 3.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(sections), squeeze=False)[0]
+    for kind, rs in results.items():
+        for r in rs:
+            ax = axes[sections.index(r.section)]
+            ks = r.ks.double().clamp_min(0.5)  # k = 0 drawn at 0.5 on the log axis
+            line = ax.plot(ks, r.accuracy, marker=".", markersize=4, label=f"{kind}: {r.n_required}")[0]
+            ax.axvline(max(r.n_required, 0.5), color=line.get_color(), linewidth=0.8, linestyle="--")
+            ax.axhline(r.baseline_accuracy - r.tolerance, color="0.5", linewidth=0.6, linestyle=":")
+            a, b = short_names(r.section.split("->"))
+            ax.set_title(f"{a} → {b}", fontsize="small")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("edges kept")
+        ax.legend(fontsize="x-small", title="edges required", title_fontsize="x-small")
+    axes[0].set_ylabel("accuracy (held out)")
+    return fig
+
+
+def add_community_legend(fig: Figure, communities: Sequence[Mapping[str, Any]]) -> None:
+    """A legend below the figure: each community's colour (as in ``plot_interaction_graph``), its dominant
+    frequency and purity (the ``communities`` entries of ``analyze``'s Fourier results)."""
+
+    palette = list(colormaps["tab10"].colors) + list(colormaps["tab20b"].colors)
+    handles = [Line2D([], [], marker="o", linestyle="", color=palette[c["community"] % len(palette)],
+                      label=f"k = {c['frequency']}, purity {c['purity']:.2f} ({c['size']} features)")
+               for c in communities]
+    fig.legend(handles=handles, loc="lower center", ncol=min(3, len(handles)), fontsize="small", frameon=False,
+               title="LIB communities: dominant frequency")
