@@ -7,12 +7,9 @@ modules (paths relative to the LightningModule, as in ``pl_module.named_modules(
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import json
 import math
 import os
-import random
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,47 +26,12 @@ from lib_lightning.core.files import atomic_write_text
 from lib_lightning.core.integration import integration_rule
 from lib_lightning.core.lib import KINDS, build_graphs, save_graphs
 from lib_lightning.core.summary import Snapshot, SummaryOptions, short_names, spectrum, summarise
+from lib_lightning.runtime import default_batch_inputs, import_callable, num_threads, preserved_rng
 
-__all__ = ["LIBAnalysis", "import_callable"]
+__all__ = ["LIBAnalysis"]
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 _SPLITS = ("train", "val", "test")
-
-
-def import_callable(path: str | Callable | None) -> Callable | None:
-    """``"package.module:function"`` -> the function (callables and None pass through)."""
-    if path is None or callable(path):
-        return path
-    module, _, name = path.partition(":")
-    if not name:
-        raise ValueError(f"expected an import path 'package.module:function', got {path!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def default_batch_inputs(batch: Any) -> Any:
-    """The model inputs of a batch: its first element for ``(inputs, labels)`` tuples."""
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
-@contextlib.contextmanager
-def _preserved_rng() -> Any:
-    """Restores the torch, numpy and Python RNG states: the analysis must not change training."""
-    py, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        yield
-    random.setstate(py)
-    np.random.set_state(np_state)
-
-
-@contextlib.contextmanager
-def _num_threads(threads: int | None) -> Any:
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class LIBAnalysis(Callback):
@@ -310,7 +272,7 @@ class LIBAnalysis(Callback):
         step = trainer.global_step
         if trainer.sanity_checking or step in self.analysed_steps:
             return
-        with _preserved_rng(), _num_threads(self.threads), torch.inference_mode(False), torch.enable_grad():
+        with preserved_rng(), num_threads(self.threads), torch.inference_mode(False), torch.enable_grad():
             self._analyse(trainer, pl_module, step)
 
     def _analyse(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:

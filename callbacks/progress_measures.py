@@ -14,10 +14,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from callbacks.lib_analysis import _num_threads, _preserved_rng, import_callable
 from lib_lightning.core.capture import NodeLayer, default_forward, resolve_modules
 from lib_lightning.core.fourier import embedding_frequency_power, key_frequencies, logit_frequency_power, progress_measures
 from lib_lightning.data.modadd import modular_addition_pairs
+from lib_lightning.runtime import import_callable, num_threads, preserved_rng
 
 __all__ = ["ProgressMeasures"]
 
@@ -140,7 +140,7 @@ class ProgressMeasures(Callback):
         training = {m: m.training for m in pl_module.modules()}
         try:
             pl_module.eval()
-            with _preserved_rng(), _num_threads(self.threads), torch.no_grad():
+            with preserved_rng(), num_threads(self.threads), torch.no_grad():
                 metrics, frequencies = self.measure(trainer, pl_module)
         finally:
             for m, flag in training.items():
