@@ -120,6 +120,8 @@ def run_reference(model, tokens):
 def _child(args) -> None:
     torch.set_num_threads(args.threads)
     model, tokens = _model_and_data(args.n, args.ckpt)
+    if args.reverse:  # the same examples in reverse order: the results may differ only by rounding
+        tokens = tokens.flip(0)
     start = time.perf_counter()
     if args.impl == "reference":
         bases, edges, phases = run_reference(model, tokens)
@@ -166,14 +168,17 @@ def main() -> None:
     parser.add_argument("--cache-mb", type=int, default=2048)
     parser.add_argument("--ckpt", default=None, help="a Lightning checkpoint of configs/modadd.yaml (default: random init)")
     parser.add_argument("--save", default=None)
+    parser.add_argument("--reverse", action="store_true", help="(one run) the examples in reverse order")
+    parser.add_argument("--floor-reference", action="store_true", help="also run the reference on reversed examples")
     args = parser.parse_args()
     if args.impl:
         _child(args)
         return
 
-    def run(impl: str, n: int, save: str | None = None, chunk_size: int | None = None) -> dict:
+    def run(impl: str, n: int, save: str | None = None, chunk_size: int | None = None, reverse: bool = False) -> dict:
         cmd = [sys.executable, __file__, "--impl", impl, "--n", str(n), "--threads", str(args.threads),
                "--chunk-size", str(chunk_size or args.chunk_size), "--cache-mb", str(args.cache_mb)]
+        cmd += ["--reverse"] if reverse else []
         cmd += ["--ckpt", args.ckpt] if args.ckpt else []
         cmd += ["--save", save] if save else []
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -195,10 +200,14 @@ def main() -> None:
         phases = ", ".join(f"{k} {v:.1f}" for k, v in runs[-1]["phases"].items())
         walls = ", ".join(f"{x['wall_s']:.1f}" for x in runs)
         print(f"| {impl} | {wall:.1f} | {walls} | {ref / wall:.2f}x | {max(x['peak_mb'] for x in runs):.0f} | {lam:.1e} / {edge:.1e} | {phases} |")
-    # The float64 floor: the same exact computation summed in another order (chunks of 383, not 256).
+    # The float64 floor: the same exact computations summed in another order.
     run("ours-recon", n, save=f"{tmp}/lib_floor.pt", chunk_size=383)
     lam, edge = _compare(f"{tmp}/lib_ours-recon.pt", f"{tmp}/lib_floor.pt")
-    print(f"\nsummation-order floor (ours-recon, chunks of 383 vs {args.chunk_size}): Λ {lam:.1e}, edges {edge:.1e}")
+    print(f"\nrounding floor, ours-recon with chunks of 383 vs {args.chunk_size}: Λ {lam:.1e}, edges {edge:.1e}")
+    if args.floor_reference:
+        run("reference", n, save=f"{tmp}/lib_reference_reversed.pt", reverse=True)
+        lam, edge = _compare(f"{tmp}/lib_reference.pt", f"{tmp}/lib_reference_reversed.pt")
+        print(f"rounding floor, reference with the examples reversed: Λ {lam:.1e}, edges {edge:.1e}")
     if not args.sizes:
         return
     print("\n| n examples | ours: wall s | ours: peak MB | ours-nocache: wall s | ours-nocache: peak MB |")
