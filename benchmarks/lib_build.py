@@ -65,7 +65,7 @@ def run_reference(model, tokens):
     """Whole dataset as one batch, one autograd.grad per output dimension, two passes per section."""
     from lib_lightning.core.basis import identity_basis, lib_basis, whiten
     from lib_lightning.core.capture import NodeLayer, capture, run_section
-    from lib_lightning.core.lib import analysis_mode
+    from lib_lightning.core.modes import analysis_mode
     from lib_lightning.core.stats import augment, stats_update
 
     layers = [NodeLayer(n) for n in LAYERS]

@@ -24,7 +24,8 @@ from lib_lightning.core.capture import NodeLayer, capture, default_forward, reso
 from lib_lightning.core.degeneracy import coactivation_groups, coactivation_signature_update
 from lib_lightning.core.files import atomic_write_text
 from lib_lightning.core.integration import integration_rule
-from lib_lightning.core.lib import KINDS, build_graphs, save_graphs
+from lib_lightning.core.graph import save_graphs
+from lib_lightning.core.lib import KINDS, build_graphs
 from lib_lightning.core.summary import Snapshot, SummaryOptions, short_names, spectrum, summarise
 from lib_lightning.runtime import default_batch_inputs, import_callable, num_threads, preserved_rng
 

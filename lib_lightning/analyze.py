@@ -3,7 +3,7 @@
 Loads the model (a Lightning checkpoint, or a plain state dict with ``--config``), builds the LIB and PCA
 graphs with the LIB callback's settings, and writes to ``--out``:
 
-- ``graphs.pt``: every basis and edge matrix (:func:`lib_lightning.core.lib.save_graphs`);
+- ``graphs.pt``: every basis and edge matrix (:func:`lib_lightning.core.graph.save_graphs`);
 - ``metrics.json``: the callback's metrics, node- and edge-ablation results, edges required per section,
   and (modular addition) key frequencies, community purity and progress measures;
 - ``spectra.png``, ``graph.png`` (Fourier labels on the nodes for modular addition), ``node_ablation.png``,
@@ -37,7 +37,9 @@ from lib_lightning.core.fourier import (
     logit_frequency_power,
     progress_measures,
 )
-from lib_lightning.core.lib import analysis_mode, build_graphs, save_graphs
+from lib_lightning.core.graph import save_graphs
+from lib_lightning.core.lib import build_graphs
+from lib_lightning.core.modes import analysis_mode
 from lib_lightning.core.modularity import find_communities, interaction_graph
 from lib_lightning.core.summary import short_names, spectrum, summarise
 from lib_lightning.loading import lib_settings, load_datamodule, load_task, read_config

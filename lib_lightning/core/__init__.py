@@ -2,7 +2,8 @@
 
 from lib_lightning.core.basis import LayerBasis
 from lib_lightning.core.capture import CutError, NodeLayer
-from lib_lightning.core.lib import InteractionGraph, build_graphs, load_graphs, save_graphs
+from lib_lightning.core.graph import InteractionGraph, load_graphs, save_graphs
+from lib_lightning.core.lib import build_graphs
 from lib_lightning.core.summary import SummaryOptions, summarise
 
 __all__ = [

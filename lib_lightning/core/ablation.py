@@ -32,7 +32,8 @@ from lib_lightning.core.capture import (
     run_section,
     substituted,
 )
-from lib_lightning.core.lib import InteractionGraph, _prepare, analysis_mode
+from lib_lightning.core.graph import InteractionGraph
+from lib_lightning.core.modes import analysis_mode, prepare_inputs
 
 __all__ = [
     "Evaluation",
@@ -276,7 +277,7 @@ def node_ablation(
         raise ValueError(f"layer indices {bad} out of range for {n_layers} node layers {graph.layer_names}")
     if ks is not None and any(k < 0 for k in ks):
         raise ValueError(f"ks must be >= 0, got {list(ks)}")
-    data = [(_prepare(inputs, dtype), labels) for inputs, labels in data]
+    data = [(prepare_inputs(inputs, dtype), labels) for inputs, labels in data]
     results = []
     with torch.no_grad(), analysis_mode(model, dtype):
         baseline = evaluate(lambda inputs: forward(model, inputs), data)
@@ -398,7 +399,7 @@ def edge_ablation(
     skip = basis_in.has_constant
     n_edges = edges.shape[0] * (edges.shape[1] - (1 if skip else 0))
     layer_in, layer_out = NodeLayer.parse(basis_in.name), NodeLayer.parse(basis_out.name)
-    data = [(_prepare(inputs, dtype), labels) for inputs, labels in data]
+    data = [(prepare_inputs(inputs, dtype), labels) for inputs, labels in data]
     results: dict[int, Evaluation] = {}
     with torch.no_grad(), analysis_mode(model, dtype):
         baseline = evaluate(lambda inputs: forward(model, inputs), data)

@@ -12,10 +12,7 @@ process, a sum across processes under DDP) and divided at the end.
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -31,7 +28,7 @@ from lib_lightning.core.capture import (
     default_forward,
     select_examples,
 )
-from lib_lightning.core.files import atomic_write
+from lib_lightning.core.graph import InteractionGraph
 from lib_lightning.core.integration import integration_rule
 from lib_lightning.core.jacobian import (
     batch_size,
@@ -42,110 +39,16 @@ from lib_lightning.core.jacobian import (
     m_prime_update,
     project,
 )
+from lib_lightning.core.modes import analysis_mode, prepare_inputs
 from lib_lightning.core.stats import ActivationStats, stats_update
 
-__all__ = ["InteractionGraph", "build_graphs", "save_graphs", "load_graphs", "analysis_mode", "KINDS"]
+__all__ = ["build_graphs", "KINDS"]
 
 KINDS = ("lib", "pca", "neuron")
 EDGE_POINTS = ("activation", "reconstruction")
 CHECK_EXAMPLES = 16  # examples of the first batch on which the order and cut checks run
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 Progress = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class InteractionGraph:
-    """Bases of every node layer and the edges between adjacent layers, for one basis kind.
-
-    Attributes:
-        kind: ``"lib"``, ``"pca"`` or ``"neuron"``.
-        layers: one :class:`LayerBasis` per node layer, input side first.
-        edges: ``edges[l]`` of shape ``(d_lib[l+1], d_lib[l])``, rows = output features (spec §4).
-        n_examples: number of examples the sums ran over.
-    """
-
-    kind: str
-    layers: tuple[LayerBasis, ...]
-    edges: tuple[torch.Tensor, ...]
-    n_examples: int
-
-    @property
-    def layer_names(self) -> list[str]:
-        return [layer.name for layer in self.layers]
-
-    @property
-    def dims(self) -> list[int]:
-        return [layer.d_lib for layer in self.layers]
-
-    def to_state(self) -> dict[str, Any]:
-        """Plain tensors, strings and numbers only (``torch.load(weights_only=True)`` reads it)."""
-        return {
-            "kind": self.kind,
-            "n_examples": self.n_examples,
-            "layers": [
-                {f: getattr(layer, f) for f in ("name", "kind", "basis", "basis_pinv", "lambdas", "pca_eigenvalues", "has_constant")}
-                for layer in self.layers
-            ],
-            "edges": list(self.edges),
-        }
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> InteractionGraph:
-        layers = tuple(LayerBasis(**layer) for layer in state["layers"])
-        return cls(state["kind"], layers, tuple(state["edges"]), int(state["n_examples"]))
-
-
-def save_graphs(graphs: dict[str, InteractionGraph], path: str | os.PathLike) -> None:
-    """Writes graphs atomically (temporary file in the same folder, then rename)."""
-    atomic_write(path, lambda tmp: torch.save({kind: g.to_state() for kind, g in graphs.items()}, tmp))
-
-
-def load_graphs(path: str | os.PathLike) -> dict[str, InteractionGraph]:
-    """Reads graphs written by :func:`save_graphs` without unpickling arbitrary objects."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return {kind: InteractionGraph.from_state(s) for kind, s in state.items()}
-
-
-@contextlib.contextmanager
-def analysis_mode(model: nn.Module, dtype: torch.dtype | None) -> Iterator[nn.Module]:
-    """Eval mode, parameters frozen and cast to ``dtype``; everything restored exactly on exit.
-
-    The original parameter and buffer tensors are put back (not copies), so the model, its optimizer
-    state and its gradients are untouched.
-    """
-    training = {m: m.training for m in model.modules()}
-    params = list(model.parameters())
-    requires_grad = [p.requires_grad for p in params]
-    tensors = params + list(model.buffers())
-    originals = [t.data for t in tensors]
-    try:
-        model.eval()
-        for p in params:
-            p.requires_grad_(False)
-        if dtype is not None:
-            for t in tensors:
-                if t.is_floating_point():
-                    t.data = t.data.to(dtype)
-        yield model
-    finally:
-        for t, data in zip(tensors, originals):
-            t.data = data
-        for p, flag in zip(params, requires_grad):
-            p.requires_grad_(flag)
-        for m, flag in training.items():
-            m.training = flag
-
-
-def _prepare(inputs: Any, dtype: torch.dtype | None) -> Any:
-    """Clones inputs out of inference mode and casts floating tensors to the analysis dtype."""
-    if isinstance(inputs, torch.Tensor):
-        out = inputs.clone()
-        return out.to(dtype) if dtype is not None and out.is_floating_point() else out
-    if isinstance(inputs, (list, tuple)):
-        return type(inputs)(_prepare(v, dtype) for v in inputs)
-    if isinstance(inputs, dict):
-        return {k: _prepare(v, dtype) for k, v in inputs.items()}
-    return inputs
 
 
 def _validate(kinds, chunk_size, cache_bytes, edge_point, batches) -> list[Any]:
@@ -246,7 +149,7 @@ def build_graphs(
         stats: list[ActivationStats | None] = [None] * len(node_layers)
         n_examples, positions = 0, []
         for b, inputs in enumerate(batches):
-            inputs = _prepare(inputs, dtype)
+            inputs = prepare_inputs(inputs, dtype)
             if b == 0 and check_cuts:  # on a few examples: the checks compare single examples
                 few = select_examples(inputs, slice(0, CHECK_EXAMPLES))
                 check_order(model, node_layers, few, forward)
@@ -316,7 +219,7 @@ def build_graphs(
                     inputs, phi = select_examples(inputs, only), None if phi is None else phi[only]
                 try:
                     return integrated_jacobian(
-                        model, layer_in, layer_out, _prepare(inputs, dtype), int_rule, forward, point, out_basis, phi
+                        model, layer_in, layer_out, prepare_inputs(inputs, dtype), int_rule, forward, point, out_basis, phi
                     )
                 except ValueError as err:
                     raise ValueError(f"{err} (chunk {c} of {chunk_size} examples)") from err
@@ -335,7 +238,7 @@ def build_graphs(
                 at both points to ``reuse_rtol`` (a section that is affine, or ReLU-piecewise affine
                 with the same pattern, gives identical VJPs); the other examples are recomputed.
                 """
-                basis, inputs = bases["lib"][sec], _prepare(inputs, dtype)
+                basis, inputs = bases["lib"][sec], prepare_inputs(inputs, dtype)
                 rec = lambda a: basis.reconstruct(basis.transform(a)).to(a.dtype)  # noqa: E731
                 gen = torch.Generator().manual_seed(c)
                 w = torch.randn((2, positions[sec + 1], outs["lib"].d), generator=gen, dtype=torch.float64)
@@ -395,7 +298,7 @@ def build_graphs(
                         acts = cached[0]
                     else:
                         with torch.no_grad():
-                            (acts,) = capture(model, [layer_in], _prepare(inputs, dtype), forward)
+                            (acts,) = capture(model, [layer_in], prepare_inputs(inputs, dtype), forward)
                     for kind in todo:
                         if cached is not None and kind == "lib":
                             add(kind, *(cached if reusable(bases[kind][sec], acts) else at_reconstruction(inputs, c, *cached)))

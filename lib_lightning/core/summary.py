@@ -16,7 +16,7 @@ import torch
 from lib_lightning.core.basis import LayerBasis
 from lib_lightning.core.degeneracy import gradient_degeneracy, gram_rank_deficit, spectrum_stats
 from lib_lightning.core.evolution import community_stability, match_features, spectrum_distance, subspace_overlap
-from lib_lightning.core.lib import InteractionGraph
+from lib_lightning.core.graph import InteractionGraph
 from lib_lightning.core.modularity import Communities, find_communities, interaction_graph
 from lib_lightning.core.sparsity import edge_sparsity
 

@@ -19,7 +19,8 @@ from lib_lightning.core.jacobian import (
     project,
 )
 from lib_lightning.core.integration import integration_rule
-from lib_lightning.core.lib import build_graphs, load_graphs, save_graphs
+from lib_lightning.core.graph import load_graphs, save_graphs
+from lib_lightning.core.lib import build_graphs
 from lib_lightning.core.stats import augment
 from tests.core.models import MLP, TinyTransformer, mlp_inputs
 
