@@ -16,7 +16,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.lib_analysis import LIBAnalysis
-from lib_lightning.core.ablation import edge_ablation, node_ablation, smallest_passing
+from lib_lightning.core.ablation import node_ablation, smallest_passing
+from lib_lightning.core.edge_ablation import edge_ablation
 from lib_lightning.core.files import atomic_write_text
 from lib_lightning.core.lib import build_graphs
 

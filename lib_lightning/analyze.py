@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lib_lightning.core.ablation import edge_ablation, node_ablation, smallest_passing
+from lib_lightning.core.ablation import node_ablation, smallest_passing
+from lib_lightning.core.edge_ablation import edge_ablation
 from lib_lightning.core.capture import NodeLayer, capture
 from lib_lightning.core.files import atomic_write
 from lib_lightning.core.fourier import (

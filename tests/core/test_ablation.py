@@ -6,15 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib_lightning.core.ablation import (
-    ablation_schedule,
-    edge_ablation,
-    edge_mask,
-    evaluate,
-    node_ablation,
-    smallest_passing,
-    substitute,
-)
+from lib_lightning.core.ablation import ablation_schedule, evaluate, node_ablation, smallest_passing, substitute
+from lib_lightning.core.edge_ablation import edge_ablation, edge_mask
 from lib_lightning.core.capture import NodeLayer, capture
 from lib_lightning.core.lib import build_graphs
 from tests.core.models import MLP, TinyTransformer, mlp_inputs
