@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lib_lightning.core.capture import NodeLayer, capture, default_forward, resolve_modules
-from lib_lightning.core.degeneracy import coactivation_groups, coactivation_signature_update
+from lib_lightning.core.coactivation import relu_coactivation
 from lib_lightning.core.files import atomic_write_text
 from lib_lightning.core.integration import integration_rule
 from lib_lightning.core.graph import save_graphs
@@ -336,27 +336,10 @@ class LIBAnalysis(Callback):
     def _relu_metrics(self, pl_module, batches, index, reduce) -> dict[str, float]:
         if not self.relu_layers:
             return {}
-        out: dict[str, float] = {}
+        groups = relu_coactivation(pl_module, self.relu_layers, batches, index, self.seed, self.forward, reduce)
         names = short_names([layer.name for layer in self.relu_layers])
-        sums: list[list[torch.Tensor]] = [[] for _ in self.relu_layers]
-        offset = 0
-        with torch.no_grad():
-            for inputs in batches:
-                acts = capture(pl_module, self.relu_layers, inputs, self.forward)
-                ids = index[offset : offset + len(inputs)]
-                offset += len(inputs)
-                for i, a in enumerate(acts):
-                    active = (a > 0).reshape(a.shape[0], -1).cpu()  # (batch, pos * d)
-                    sig, count = coactivation_signature_update(active, ids, self.seed)
-                    sums[i] = [sig, count] if not sums[i] else [sums[i][0] + sig, sums[i][1] + count]
-        n = int(reduce(torch.tensor(float(len(index)), dtype=torch.float64, device=pl_module.device)).item())
-        for name, (sig, count) in zip(names, sums):
-            sig = reduce(sig.to(pl_module.device)).cpu()
-            count = reduce(count.to(pl_module.device)).cpu()
-            groups = coactivation_groups(sig, count, n)
-            for key in ("n_dead", "n_always", "n_groups", "n_redundant", "largest_group"):
-                out[f"relu/{name}/{key}"] = float(getattr(groups, key))
-        return out
+        keys = ("n_dead", "n_always", "n_groups", "n_redundant", "largest_group")
+        return {f"relu/{name}/{key}": float(getattr(g, key)) for name, g in zip(names, groups) for key in keys}
 
     # ----------------------------------------------------------------- logging and files (rank zero)
     def _log(self, trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:

@@ -4,10 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from lib_lightning.core.coactivation import coactivation_groups, coactivation_signature_update, example_weights
 from lib_lightning.core.degeneracy import (
-    coactivation_groups,
-    coactivation_signature_update,
-    example_weights,
     gradient_degeneracy,
     gram_rank_deficit,
     spectrum_stats,
@@ -193,3 +191,42 @@ def test_coactivation_bad_input():
         coactivation_groups(signature, count, n_examples=40)
     with pytest.raises(ValueError, match=r"signature must be \(d_hidden, 2\)"):
         coactivation_groups(signature[:, :1], count, n_examples=48)
+
+
+def test_relu_coactivation_on_a_model_over_batches_and_shards():
+    """Units 0 and 3 share weights (one group), unit 1 never fires, unit 2 always does; two shards summed
+    by ``reduce`` equal one pass over every example."""
+    from torch import nn
+
+    from lib_lightning.core.capture import NodeLayer
+    from lib_lightning.core.coactivation import relu_coactivation
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.relu = nn.Linear(3, 5), nn.ReLU()
+            with torch.no_grad():
+                w = torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+                w[3] = w[0]
+                w[1], w[2] = 0.0, 0.0
+                self.lin.weight.copy_(w)
+                self.lin.bias.copy_(torch.tensor([0.1, -1.0, 1.0, 0.1, -0.2]))
+            self.double()
+
+        def forward(self, x):
+            return self.relu(self.lin(x))
+
+    model, x = Net(), torch.randn(40, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    layer, index = [NodeLayer("relu")], torch.arange(40)
+    (whole,) = relu_coactivation(model, layer, [x[:15], x[15:]], index, seed=3)
+    assert (whole.n_dead, whole.n_always, whole.n_groups, whole.n_redundant, whole.largest_group) == (1, 1, 1, 1, 2)
+    assert whole.group_of.tolist()[:4] == [0, -1, -2, 0]
+    shards = [index[0::2], index[1::2]]
+    parts = []  # what each of two processes contributes; reduce sums them in a fixed order
+    for shard in shards:
+        parts.append([])
+        relu_coactivation(model, layer, [x[shard]], shard, seed=3, reduce=lambda t, p=parts[-1]: p.append(t) or t)
+    totals = [a + b for a, b in zip(*parts)]
+    calls = iter(totals)
+    (merged,) = relu_coactivation(model, layer, [x[shards[0]]], shards[0], seed=3, reduce=lambda t: next(calls))
+    assert merged.to_dict() == whole.to_dict()
