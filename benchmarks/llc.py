@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from callbacks.llc import LLCCallback
-from lib_lightning.core.llc import calibrate, default_nbeta, estimate_llc, plot_calibration
+from lib_lightning.core.llc import calibrate, default_nbeta, estimate_llc
+from lib_lightning.plotting import plot_calibration
 from lib_lightning.data.modadd import ModularAdditionDataModule
 from lib_lightning.models.transformer import ModAddTransformer
 

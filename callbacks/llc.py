@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-from lib_lightning.core.llc import default_nbeta, estimate_llc, plot_traces
+from lib_lightning.core.llc import default_nbeta, estimate_llc
+from lib_lightning.plotting import plot_traces
 
 __all__ = ["LLCCallback"]
 

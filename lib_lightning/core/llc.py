@@ -37,8 +37,6 @@ __all__ = [
     "calibrate",
     "default_nbeta",
     "estimate_llc",
-    "plot_calibration",
-    "plot_traces",
 ]
 
 Batch = Sequence[torch.Tensor]
@@ -331,68 +329,3 @@ def calibrate(
         llc_traces=grid([c.nbeta * (c.loss_traces - c.init_loss).mean(dim=0) for c in cells]),
         num_burnin=cells[0].num_burnin,
     )
-
-
-def plot_calibration(table: LLCCalibration):
-    """A figure of a calibration: per nβ, the chain-mean nβ·(L_B − L(w*)) trace for each ε; last, λ̂ vs ε.
-
-    Flagged cells (any diverged, below-init or failed chain) are drawn with an ``x``. Built on
-    matplotlib's Agg canvas without pyplot, so it never changes the global backend.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from matplotlib.ticker import NullFormatter
-
-    n_eps, n_beta = table.mean.shape
-    flagged = (table.diverged > 0) | (table.below_init > 0) | table.failed  # (E, B)
-    healthy = table.llc_traces[~flagged]  # (cells, steps)
-    # Values span from below zero to 1e12 and more near instability: symlog axes, capped at the
-    # largest unflagged value.
-    top = 2.0 * healthy.max().item() if healthy.numel() else None
-    fig = Figure(figsize=(3.2 * (n_beta + 1), 3.0), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, n_beta + 1, squeeze=False)[0]
-    colors = [f"C{i % 10}" for i in range(n_eps)]
-    for j in range(n_beta):
-        ax = axes[j]
-        for i in range(n_eps):
-            ax.plot(table.llc_traces[i, j].numpy(), color=colors[i], lw=0.8, label=f"ε={table.epsilons[i]:.2g}")
-        ax.axvline(table.num_burnin, color="grey", ls=":", lw=0.8)
-        ax.axhline(0.0, color="black", lw=0.5)
-        ax.set(title=f"nβ={table.nbetas[j]:.3g}", xlabel="SGLD step", ylabel="nβ·(L_B − L(w*))")
-        ax.set_yscale("symlog", linthresh=1.0)
-        if top is not None and top > 1.0:
-            ax.set_ylim(top=top)
-    axes[0].legend(fontsize="small")
-    ax = axes[-1]
-    for j in range(n_beta):
-        eps, mean, std = table.epsilons.numpy(), table.mean[:, j].numpy(), table.std[:, j].numpy()
-        ax.errorbar(eps, mean, yerr=std, marker="o", ms=3, capsize=2, label=f"nβ={table.nbetas[j]:.3g}")
-        bad = flagged[:, j].numpy()
-        ax.plot(eps[bad], mean[bad], "kx", ms=8)
-    ax.set(xscale="log", xlabel="ε", ylabel="λ̂ ± std over chains", title="λ̂ (x: flagged)")
-    ax.set_yscale("symlog", linthresh=1.0)
-    ax.set_xticks(table.epsilons.numpy(), [f"{e:.2g}" for e in table.epsilons.tolist()])
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.legend(fontsize="small")
-    return fig
-
-
-def plot_traces(estimate: LLCEstimate):
-    """A figure of each chain's nβ·(L_B(w) − L(w*)) against SGLD step, burn-in marked (Agg canvas, no pyplot)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(4.5, 3.0), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    for c, trace in enumerate(estimate.nbeta * (estimate.loss_traces - estimate.init_loss)):
-        flag = " (diverged)" if estimate.diverged[c] else " (below L(w*))" if estimate.below_init[c] else ""
-        ax.plot(trace.numpy(), lw=0.8, label=f"chain {c}{flag}")
-    ax.axvline(estimate.num_burnin, color="grey", ls=":", lw=0.8)
-    ax.axhline(0.0, color="black", lw=0.5)
-    title = f"λ̂ = {estimate.mean.item():.4g} ± {estimate.std.item():.2g}"
-    ax.set(xlabel="SGLD step", ylabel="nβ·(L_B − L(w*))", title=title)
-    ax.legend(fontsize="small")
-    return fig

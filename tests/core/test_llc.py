@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from lib_lightning.core.llc import calibrate, default_nbeta, estimate_llc, plot_calibration
+from lib_lightning.core.llc import calibrate, default_nbeta, estimate_llc
+from lib_lightning.plotting import plot_calibration
 
 N = 2000
 SEEDS = (0, 1, 2)
