@@ -26,8 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from lib_lightning.core.ablation import node_ablation, smallest_passing
-from lib_lightning.core.edge_ablation import edge_ablation
 from lib_lightning.core.capture import NodeLayer, capture
+from lib_lightning.core.edge_ablation import edge_ablation
 from lib_lightning.core.files import atomic_write
 from lib_lightning.core.fourier import (
     community_frequencies,
@@ -36,12 +36,12 @@ from lib_lightning.core.fourier import (
     grid_spectrum,
     key_frequencies,
     logit_frequency_power,
-    progress_measures,
 )
 from lib_lightning.core.graph import save_graphs
 from lib_lightning.core.lib import build_graphs
 from lib_lightning.core.modes import analysis_mode
 from lib_lightning.core.modularity import find_communities, interaction_graph
+from lib_lightning.core.progress import progress_measures
 from lib_lightning.core.summary import short_names, spectrum, summarise
 from lib_lightning.loading import lib_settings, load_datamodule, load_task, read_config
 from lib_lightning.models.transformer import ModAddTransformer

@@ -15,10 +15,9 @@ from lib_lightning.core.fourier import (
     fourier_labels,
     grid_spectrum,
     key_frequencies,
-    key_frequency_logits,
     logit_frequency_power,
-    progress_measures,
 )
+from lib_lightning.core.progress import key_frequency_logits, progress_measures
 from lib_lightning.data.modadd import modular_addition_pairs
 
 P = 7
