@@ -128,7 +128,10 @@ def read_config(ckpt: str, config: str | None = None) -> tuple[dict[str, Any], s
     if path is None:
         return {}, None
     with open(path) as f:
-        return yaml.safe_load(f) or {}, os.path.normpath(path)
+        try:
+            return yaml.safe_load(f) or {}, os.path.normpath(path)
+        except yaml.YAMLError as err:
+            raise ValueError(f"config file {path} is not valid YAML: {err}") from None
 
 
 def load_task(ckpt: str, config: dict[str, Any], trust: Trust = Trust(),
