@@ -70,7 +70,8 @@ class LIBAnalysis(Callback):
         weighting, resolution: modularity graph weighting (``"log"``, ``"sqrt"``, ``"normalized"``) and
             Louvain resolution.
         relu_layers: modules whose outputs are ReLU activations, for the co-firing degeneracy counts.
-        images, histograms, save: TensorBoard figures, log-Lambda histograms, and analyses on disk.
+        images, histograms, save: TensorBoard figures, log-Lambda histograms, and analyses on disk (a write
+            that fails, e.g. on a full disk, is warned about once, counted in ``lib/save_errors`` and skipped).
         dtype: ``"float64"`` (exact) or ``"float32"`` (about 2× faster Jacobians; sums stay float64).
         chunk_size, cache_mb: Jacobian chunk size and cache budget (memory bounds).
         threads: torch threads during the analysis (default: unchanged).
@@ -253,7 +254,8 @@ class LIBAnalysis(Callback):
         if len(inputs) < 2:
             raise ValueError(f"the analysis set has {len(inputs)} example(s); need at least 2 ({self.split} split)")
         if len(inputs) < self.size:
-            rank_zero_warn(f"{type(self).__name__}: {oversize_message(self.size, len(inputs), f'the {self.split} split')}")
+            message = oversize_message(self.size, len(inputs), f"the {self.split} split")
+            rank_zero_warn(f"{type(self).__name__}: {message}")
         self._inputs = inputs
         return inputs
 
@@ -399,7 +401,10 @@ class LIBAnalysis(Callback):
 
     def _write(self, write: Callable[[], None], what: str) -> None:
         """Runs a file write of the analysis; a failure (full disk) is counted in ``save_errors``, not raised."""
-        self.save_errors = write_or_count(write, what, self.save_errors, lambda m: rank_zero_warn(f"{type(self).__name__}: {m}"))
+        def warn(message: str) -> None:
+            rank_zero_warn(f"{type(self).__name__}: {message}")
+
+        self.save_errors = write_or_count(write, what, self.save_errors, warn)
 
     def _folder(self, trainer: L.Trainer) -> str:
         root = trainer.log_dir or trainer.default_root_dir

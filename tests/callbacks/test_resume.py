@@ -6,6 +6,8 @@ leave it), the second resumes from it; neither ``at_start`` nor anything else ma
 
 from __future__ import annotations
 
+from functools import partial
+
 import lightning as L
 import pytest
 import torch
@@ -21,6 +23,7 @@ from lib_lightning.tasks.classifier import ModularAddition
 SMALL = dict(p=23, d_model=32, n_heads=2, d_head=16, d_mlp=64, lr=1e-2)
 LAYERS = ["model.hook_resid_pre", "model.hook_resid_mid", "model.hook_resid_post", "model.hook_logits"]
 STOP, END = 12, 20  # the checkpoint's step is between the scheduled steps 10 and 15
+QUIET = dict(size=32, kinds=["lib"], images=False, histograms=False, save=False)
 
 
 class StopAt(Callback):
@@ -67,14 +70,14 @@ def _assert_same_dict_series(straight, resumed):
 
 @pytest.mark.parametrize("first_max_steps", [END, STOP], ids=["interrupted", "shorter-max-steps"])
 def test_lib_analysis_resumed_between_analyses(tmp_path, first_max_steps):
-    make = lambda: LIBAnalysis(LAYERS, every_n_steps=5, size=64, images=False, histograms=False, save=False)  # noqa: E731
+    make = partial(LIBAnalysis, LAYERS, every_n_steps=5, **QUIET)
     straight, resumed = _straight_and_resumed(tmp_path, make, first_max_steps)
     assert [e["step"] for e in straight] == [0, 5, 10, 15, 20]
     _assert_same_dict_series(straight, resumed)  # includes the evolution metrics at step 15
 
 
 def test_lib_analysis_log_steps_resumed_between_analyses(tmp_path):
-    make = lambda: LIBAnalysis(LAYERS, log_steps=6, size=64, images=False, histograms=False, save=False)  # noqa: E731
+    make = partial(LIBAnalysis, LAYERS, log_steps=6, **QUIET)
     straight, resumed = _straight_and_resumed(tmp_path, make)
     assert STOP not in [e["step"] for e in straight]
     _assert_same_dict_series(straight, resumed)
@@ -87,7 +90,7 @@ def test_progress_measures_resumed_between_measurements(tmp_path):
 
 
 def test_ablation_resumed_between_analyses(tmp_path):
-    make = lambda: Ablation(LAYERS, every_n_steps=10, size=64, eval_size=64, edges=False, kinds=["lib"])  # noqa: E731
+    make = partial(Ablation, LAYERS, every_n_steps=10, size=64, eval_size=64, edges=False, kinds=["lib"])
     straight, resumed = _straight_and_resumed(tmp_path, make)
     assert [e["step"] for e in straight] == [0, 10, 20]
     _assert_same_dict_series(straight, resumed)
@@ -96,8 +99,8 @@ def test_ablation_resumed_between_analyses(tmp_path):
 @pytest.mark.parametrize("schedule", [dict(schedule="every", every_n_steps=5), dict(schedule="log", first_step=2,
                                                                                       num_points=5)])
 def test_llc_resumed_between_estimates(tmp_path, schedule):
-    make = lambda: LLCCallback(num_chains=2, num_draws=6, num_burnin=2, batch_size=32, epsilon=1e-4,  # noqa: E731
-                               log_traces=False, **schedule)
+    make = partial(LLCCallback, num_chains=2, num_draws=6, num_burnin=2, batch_size=32, epsilon=1e-4, log_traces=False,
+                   **schedule)
     straight, resumed = _straight_and_resumed(tmp_path, make)
     assert STOP not in [step for step, _, _ in straight] and len(straight) >= 3
     assert [step for step, _, _ in resumed] == [step for step, _, _ in straight]
