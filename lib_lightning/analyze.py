@@ -12,6 +12,10 @@ graphs with the LIB callback's settings, and writes to ``--out``:
 Settings come from the ``callbacks.lib_analysis.LIBAnalysis`` entry of the config (``--config``, else the
 ``config.yaml`` LightningCLI saved beside the checkpoint's run); the main job's settings are the fallback
 for the modular-addition task.
+
+The checkpoint and a ``config.yaml`` found beside it are not trusted: they may only name this project's
+classes (or those of a package given with ``--trust-code``); a ``--config`` the user names is trusted
+(:mod:`lib_lightning.loading`).
 """
 
 from __future__ import annotations

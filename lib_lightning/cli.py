@@ -103,6 +103,15 @@ def root_cause(err: BaseException) -> BaseException:
     return err
 
 
+def _raised_by_jsonargparse(err: BaseException) -> bool:
+    """Whether ``err`` was raised inside jsonargparse (its wrapping of a class's error while instantiating);
+    errors raised by training itself keep their chain."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"{os.sep}jsonargparse{os.sep}" in tb.tb_frame.f_code.co_filename
+
+
 def check_config_files(argv: list[str]) -> None:
     """Parses every ``--config`` file first, so that a YAML error names its file (jsonargparse does not)."""
     for i, arg in enumerate(argv):
@@ -140,7 +149,7 @@ def main(args: list[str] | None = None, run: bool = True) -> LibCLI | dict:
         )
     except (ValueError, TypeError, KeyError) as err:
         cause = root_cause(err)
-        if cause is err:
+        if cause is err or not _raised_by_jsonargparse(err):
             raise
         raise cause from None  # its own traceback, its message the last line
 

@@ -11,6 +11,7 @@ import yaml
 
 from lib_lightning.cli import main
 from lib_lightning.tasks.classifier import ModularAddition
+from tests.callbacks.foreign import ForeignModule
 
 MODADD = Path(__file__).parents[1] / "configs" / "modadd.yaml"
 
@@ -82,3 +83,25 @@ def test_yaml_errors_name_the_file(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"config file .*config.yaml is not valid YAML"):
         main(["analyze", "--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "--no-progress"])
     assert not (tmp_path / "out").exists()
+
+
+class FailsInTraining(ForeignModule):
+    """Raises a chained error from its first training step (the chain is the user's: it must survive)."""
+
+    def training_step(self, batch, batch_idx):
+        try:
+            raise KeyError("inner")
+        except KeyError as err:
+            raise ValueError("outer: training failed") from err
+
+
+def test_errors_raised_by_training_keep_their_own_chain(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = {"trainer": {"max_steps": 2, "logger": False, "enable_progress_bar": False, "enable_checkpointing": False},
+              "model": {"class_path": "tests.test_cli_errors.FailsInTraining"},
+              "data": {"class_path": "tests.callbacks.foreign.ForeignData"}}
+    path = tmp_path / "fails.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match="outer: training failed") as caught:
+        main(["fit", "--config", str(path)])
+    assert isinstance(caught.value.__cause__, KeyError)
