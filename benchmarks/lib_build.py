@@ -34,7 +34,7 @@ def _model_and_data(n: int, ckpt: str | None):
     torch.manual_seed(0)
     model = ModAddTransformer()
     if ckpt:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
         model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
     tokens, _ = modular_addition_pairs(113)
     perm = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(0))
@@ -141,7 +141,7 @@ def _child(args) -> None:
 
 def _compare(a_path: str, b_path: str) -> tuple[float, float]:
     """Largest relative errors of Lambdas and of edges on directions with Λ above 1e-8 of the largest."""
-    a, b = torch.load(a_path), torch.load(b_path)
+    a, b = torch.load(a_path, weights_only=True), torch.load(b_path, weights_only=True)
     lam_err, edge_err = 0.0, 0.0
     for la, lb in zip(a["lambdas"], b["lambdas"]):
         keep = la[1:] > 1e-8 * la[1:].max()

@@ -40,7 +40,7 @@ def load_or_train(ckpt: Path | None, steps: int) -> tuple[ModAddTransformer, tup
     dm = ModularAdditionDataModule(p=113, train_fraction=0.3, seed=0)
     model = ModAddTransformer(113)
     if ckpt is not None:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
         model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
         return model.eval(), dm.train_tensors, dm.val_tensors
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=1.0, betas=(0.9, 0.98))

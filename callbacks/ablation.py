@@ -127,8 +127,10 @@ class Ablation(LIBAnalysis):
         self.history.append({"step": step, "metrics": metrics})
         if trainer.is_global_zero:
             self._log(trainer, metrics, step)
-            os.makedirs(folder, exist_ok=True)
-            atomic_write_text(os.path.join(folder, f"step_{step:08d}.json"),
-                               json.dumps({"step": step, "metrics": metrics, "curves": curves}, indent=1))
+            text = json.dumps({"step": step, "metrics": metrics, "curves": curves}, indent=1)
+            self._write(lambda: atomic_write_text(os.path.join(folder, f"step_{step:08d}.json"), text),
+                        f"the ablation curves of step {step}")
+            if self.save_errors:
+                self._log(trainer, {"ablation/save_errors": float(self.save_errors)}, step)
         required = {k.split("/", 1)[1]: int(v) for k, v in metrics.items() if k.endswith("edges_required")}
         rank_zero_info(f"ablation step {step}: edges required {required}")

@@ -27,7 +27,15 @@ from lib_lightning.core.integration import integration_rule
 from lib_lightning.core.graph import save_graphs
 from lib_lightning.core.lib import KINDS, build_graphs
 from lib_lightning.core.summary import Snapshot, SummaryOptions, short_names, spectrum, summarise
-from lib_lightning.runtime import default_batch_inputs, import_callable, num_threads, preserved_rng
+from lib_lightning.runtime import (
+    default_batch_inputs,
+    import_callable,
+    num_threads,
+    oversize_message,
+    preserved_rng,
+    starts_fresh,
+    write_or_count,
+)
 
 __all__ = ["LIBAnalysis"]
 
@@ -62,7 +70,8 @@ class LIBAnalysis(Callback):
         weighting, resolution: modularity graph weighting (``"log"``, ``"sqrt"``, ``"normalized"``) and
             Louvain resolution.
         relu_layers: modules whose outputs are ReLU activations, for the co-firing degeneracy counts.
-        images, histograms, save: TensorBoard figures, log-Lambda histograms, and analyses on disk.
+        images, histograms, save: TensorBoard figures, log-Lambda histograms, and analyses on disk (a write
+            that fails, e.g. on a full disk, is warned about once, counted in ``lib/save_errors`` and skipped).
         dtype: ``"float64"`` (exact) or ``"float32"`` (about 2× faster Jacobians; sums stay float64).
         chunk_size, cache_mb: Jacobian chunk size and cache budget (memory bounds).
         threads: torch threads during the analysis (default: unchanged).
@@ -161,6 +170,7 @@ class LIBAnalysis(Callback):
         self.history: list[dict[str, Any]] = []
         self.snapshot: Snapshot | None = None
         self.skipped = 0
+        self.save_errors = 0
         self._planned: list[int] = []
         self._inputs: Any = None
         self._warned_images = False
@@ -178,6 +188,7 @@ class LIBAnalysis(Callback):
             "history": self.history,
             "snapshot": self.snapshot.to_state() if self.snapshot is not None else None,
             "skipped": self.skipped,
+            "save_errors": self.save_errors,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -185,6 +196,7 @@ class LIBAnalysis(Callback):
         snapshot = state_dict.get("snapshot")
         self.snapshot = Snapshot.from_state(snapshot) if snapshot else None
         self.skipped = int(state_dict.get("skipped", 0))
+        self.save_errors = int(state_dict.get("save_errors", 0))
 
     @property
     def analysed_steps(self) -> list[int]:
@@ -200,7 +212,7 @@ class LIBAnalysis(Callback):
                 raise ValueError("log_steps needs a finite run length: set trainer.max_steps or max_epochs")
             steps = np.unique(np.round(np.geomspace(1, int(total), self.every)).astype(int))
             self._planned = [int(s) for s in steps]
-        if self.at_start:
+        if self.at_start and starts_fresh(trainer):
             self._maybe_analyse(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -241,6 +253,9 @@ class LIBAnalysis(Callback):
             inputs = torch.cat(parts)[: self.size]
         if len(inputs) < 2:
             raise ValueError(f"the analysis set has {len(inputs)} example(s); need at least 2 ({self.split} split)")
+        if len(inputs) < self.size:
+            message = oversize_message(self.size, len(inputs), f"the {self.split} split")
+            rank_zero_warn(f"{type(self).__name__}: {message}")
         self._inputs = inputs
         return inputs
 
@@ -314,10 +329,11 @@ class LIBAnalysis(Callback):
         self.snapshot = summary.snapshot
         self.history.append({"step": step, "metrics": metrics})
         if trainer.is_global_zero:
-            self._log(trainer, metrics, step)
-            self._log_extras(trainer, graphs, summary, step)
             if self.save:
-                self._save(folder, graphs, metrics, step)
+                self._write(lambda: self._save(folder, graphs, metrics, step), f"the LIB analysis of step {step}")
+            metrics["lib/save_errors"] = float(self.save_errors)
+            self._log(trainer, metrics, step)
+            self._write(lambda: self._log_extras(trainer, graphs, summary, step), f"the LIB figures of step {step}")
         self.history[-1]["seconds"] = time.perf_counter() - start
         rank_zero_info(self._one_line(step, metrics, self.history[-1]["seconds"]))
 
@@ -382,6 +398,13 @@ class LIBAnalysis(Callback):
             for tag, image in images.items():
                 writer.add_image(tag, image, step, dataformats="HWC")
             writer.add_text("lib/summary", text, step)
+
+    def _write(self, write: Callable[[], None], what: str) -> None:
+        """Runs a file write of the analysis; a failure (full disk) is counted in ``save_errors``, not raised."""
+        def warn(message: str) -> None:
+            rank_zero_warn(f"{type(self).__name__}: {message}")
+
+        self.save_errors = write_or_count(write, what, self.save_errors, warn)
 
     def _folder(self, trainer: L.Trainer) -> str:
         root = trainer.log_dir or trainer.default_root_dir

@@ -18,7 +18,7 @@ from lib_lightning.core.capture import NodeLayer, default_forward, resolve_modul
 from lib_lightning.core.fourier import embedding_frequency_power, key_frequencies, logit_frequency_power
 from lib_lightning.core.progress import progress_measures
 from lib_lightning.data.modadd import modular_addition_pairs
-from lib_lightning.runtime import import_callable, num_threads, preserved_rng
+from lib_lightning.runtime import import_callable, num_threads, preserved_rng, starts_fresh
 
 __all__ = ["ProgressMeasures"]
 
@@ -127,7 +127,7 @@ class ProgressMeasures(Callback):
             resolve_modules(pl_module, [NodeLayer(self.embedding)])  # an unknown name lists the available ones
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.at_start:
+        if self.at_start and starts_fresh(trainer):
             self._maybe_measure(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

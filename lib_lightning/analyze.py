@@ -12,6 +12,10 @@ graphs with the LIB callback's settings, and writes to ``--out``:
 Settings come from the ``callbacks.lib_analysis.LIBAnalysis`` entry of the config (``--config``, else the
 ``config.yaml`` LightningCLI saved beside the checkpoint's run); the main job's settings are the fallback
 for the modular-addition task.
+
+The checkpoint and a ``config.yaml`` found beside it are not trusted: they may only name this project's
+classes (or those of a package given with ``--trust-code``); a ``--config`` the user names is trusted
+(:mod:`lib_lightning.loading`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import json
 import os
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -43,7 +48,15 @@ from lib_lightning.core.modes import analysis_mode
 from lib_lightning.core.modularity import find_communities, interaction_graph
 from lib_lightning.core.progress import progress_measures
 from lib_lightning.core.summary import short_names, spectrum, summarise
-from lib_lightning.loading import lib_settings, load_datamodule, load_task, read_config
+from lib_lightning.loading import (
+    PROJECT_PACKAGES,
+    Trust,
+    check_same_model,
+    lib_settings,
+    load_datamodule,
+    load_task,
+    read_config,
+)
 from lib_lightning.models.transformer import ModAddTransformer
 from lib_lightning.plotting import (
     add_community_legend,
@@ -52,6 +65,7 @@ from lib_lightning.plotting import (
     plot_node_ablation,
     plot_spectra,
 )
+from lib_lightning.runtime import oversize_message
 
 __all__ = ["main", "analyze", "parse_args"]
 
@@ -76,12 +90,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="key frequencies have at least this fraction of the strongest frequency's power")
     parser.add_argument("--run", help="a run's log folder: also write timeline.png from its events and lib/*.json")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--trust-code", action="append", default=[], metavar="PACKAGE",
+                        help="also import classes and functions the checkpoint (or the config.yaml beside it) names "
+                             "from this package or module (repeatable); this project's own are always trusted")
     args = parser.parse_args(argv)
     if args.size is not None and args.size != "all":
         try:
             args.size = int(args.size)
         except ValueError:
-            parser.error(f"--size must be an integer or 'all', got {args.size!r}")
+            parser.error(f"--size must be an integer >= 2 or 'all', got {args.size!r}")
+        if args.size < 2:
+            parser.error(f"--size must be an integer >= 2 or 'all' (the analysis needs two examples), got {args.size}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.eval_size is not None and args.eval_size < 1:
@@ -195,8 +214,13 @@ def analyze(args: argparse.Namespace) -> dict[str, Any]:
     """Runs every phase and writes the outputs; returns the content of ``metrics.json``."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
+    # No early makedirs: every output goes through atomic_write, which creates --out with its first file,
+    # so a run that fails while loading leaves no empty folder behind.
     config, config_path = read_config(args.ckpt, args.config)
+    trust = Trust(PROJECT_PACKAGES + tuple(args.trust_code))
+    if args.config is not None:  # the user named this config: its classes are theirs to trust
+        trust = trust.with_config(config)
+    source = f"config {config_path!r}" + ("" if args.config is not None else " (found beside the checkpoint)")
     ablate = not args.no_ablation
     phases = ["load", "graphs", "summary", *(["node ablation", "edge ablation"] if ablate else []), "fourier", "figures"]
     bar = tqdm(total=len(phases), disable=args.no_progress, desc="analyze")
@@ -211,10 +235,11 @@ def analyze(args: argparse.Namespace) -> dict[str, Any]:
         bar.set_postfix_str(f"{phase} {timings[phase]:.0f}s")
 
     bar.set_description("analyze: load")
-    task, state = load_task(args.ckpt, config)
-    dm = load_datamodule(config, state, task)
+    task, state = load_task(args.ckpt, config, trust, source)
+    dm = load_datamodule(config, state, task, trust, source)
+    check_same_model(task, dm, args.ckpt, source if config.get("data") else "the checkpoint's datamodule")
     dm.prepare_data()  # fake data is written, missing data downloaded (or a message says where to put it)
-    cb = lib_settings(config, task)
+    cb = lib_settings(config, task, trust, source)
     seed = cb.seed if args.seed is None else args.seed
     size = None if args.size == "all" else (cb.size if args.size is None else args.size)
     if size is not None and hasattr(dm, "analysis_inputs"):
@@ -222,6 +247,8 @@ def analyze(args: argparse.Namespace) -> dict[str, Any]:
     else:
         inputs, _ = _split_tensors(dm, cb.split, cb.batch_inputs)
         inputs = inputs[_subset(len(inputs), size, seed)]
+    if size is not None and size > len(inputs):
+        warnings.warn(oversize_message(size, len(inputs), f"the {cb.split} split"), stacklevel=2)
     batches = [inputs[i : i + cb.batch_size] for i in range(0, len(inputs), cb.batch_size)]
     val_x, val_y = _split_tensors(dm, "val", cb.batch_inputs)
     index = _subset(len(val_y), args.eval_size, seed)

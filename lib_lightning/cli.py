@@ -3,17 +3,27 @@
 Every LightningModule and LightningDataModule importable by class path can be named in a config. Extra
 top-level option: ``--threads N`` sets torch's intra-op thread count (on a shared 2-core machine one
 thread per process is often faster than two).
+
+Errors read at the end: a class that rejects its arguments is reported by its own exception (the last
+line of the traceback), not by jsonargparse's union error and config dump; a config file that is not
+valid YAML is named; a run that fails before its first training step leaves no run folder behind.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 
 import lightning as L
 import torch
+import yaml
 from lightning.pytorch.cli import LightningCLI
 
-__all__ = ["LibCLI", "main"]
+__all__ = ["LibCLI", "main", "root_cause", "check_config_files"]
+
+# What a run leaves in its log folder before it has trained a step: nothing worth keeping after a failure.
+_LOG_ONLY = ("config.yaml", "hparams.yaml", "metrics.csv", "events.out.tfevents.")
 
 
 class LibCLI(LightningCLI):
@@ -30,6 +40,22 @@ class LibCLI(LightningCLI):
                 raise ValueError(f"--threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        folder = self._log_dir()
+        created = _missing_folders(folder) if folder is not None else []
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if created and self.trainer.global_step == 0:
+                _remove_if_only_logs(created)
+            raise
+
+    def _log_dir(self) -> str | None:
+        logger = self.trainer.logger
+        if logger is None or not self.trainer.is_global_zero:
+            return None
+        return getattr(logger, "log_dir", None)
+
     def after_fit(self) -> None:
         trainer = self.trainer
         if trainer.global_rank != 0 or trainer.logger is None:
@@ -45,6 +71,61 @@ class LibCLI(LightningCLI):
         print(f"Open them with:   .venv/bin/tensorboard --logdir {root}")
 
 
+def _missing_folders(folder: str) -> list[str]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing, path = [], os.path.abspath(folder)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def _remove_if_only_logs(created: list[str]) -> None:
+    """Removes a run folder this run created if it holds nothing but the logs of a run that never trained
+    a step, then the parents it created that are left empty."""
+    folder = created[0]
+    files = [name for _, _, names in os.walk(folder) for name in names]
+    if not all(name.startswith(_LOG_ONLY) for name in files):
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in created[1:]:
+        if os.path.isdir(parent) and not os.listdir(parent):
+            os.rmdir(parent)
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The innermost exception of an explicit ``raise ... from`` chain (jsonargparse wraps a class's own
+    error in a union-type error that ends with the whole config)."""
+    seen = {id(err)}
+    while err.__cause__ is not None and id(err.__cause__) not in seen:
+        err = err.__cause__
+        seen.add(id(err))
+    return err
+
+
+def _raised_by_jsonargparse(err: BaseException) -> bool:
+    """Whether ``err`` was raised inside jsonargparse (its wrapping of a class's error while instantiating);
+    errors raised by training itself keep their chain."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"{os.sep}jsonargparse{os.sep}" in tb.tb_frame.f_code.co_filename
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Parses every ``--config`` file first, so that a YAML error names its file (jsonargparse does not)."""
+    for i, arg in enumerate(argv):
+        path = argv[i + 1] if arg in ("--config", "-c") and i + 1 < len(argv) else None
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else path
+        if path is None or not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            try:
+                yaml.safe_load(f)
+            except yaml.YAMLError as err:
+                raise ValueError(f"config file {path} is not valid YAML: {err}") from None
+
+
 def main(args: list[str] | None = None, run: bool = True) -> LibCLI | dict:
     """Run the CLI (``run=False`` parses the config and instantiates its classes without running).
 
@@ -55,15 +136,22 @@ def main(args: list[str] | None = None, run: bool = True) -> LibCLI | dict:
         from lib_lightning.analyze import main as analyze
 
         return analyze(argv[1:])
-    return LibCLI(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=args,
-        run=run,
-        save_config_kwargs={"overwrite": True},
-    )
+    check_config_files(argv)
+    try:
+        return LibCLI(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=args,
+            run=run,
+            save_config_kwargs={"overwrite": True},
+        )
+    except (ValueError, TypeError, KeyError) as err:
+        cause = root_cause(err)
+        if cause is err or not _raised_by_jsonargparse(err):
+            raise
+        raise cause from None  # its own traceback, its message the last line
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Runtime helpers shared by the callbacks: callables named in YAML, and blocks that leave the
-training run's RNG state and thread count as they found them."""
+"""Runtime helpers shared by the callbacks: callables named in YAML, blocks that leave the training run's
+RNG state and thread count as they found them, the start-of-training rule of every schedule, writes that
+a full disk cannot turn into a crash, and the warning for an analysis set larger than its data."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import contextlib
 import importlib
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-__all__ = ["import_callable", "default_batch_inputs", "preserved_rng", "num_threads"]
+__all__ = [
+    "import_callable", "default_batch_inputs", "preserved_rng", "num_threads", "starts_fresh", "write_or_count",
+    "oversize_message",
+]
 
 
 def import_callable(path: str | Callable | None) -> Callable | None:
@@ -50,3 +54,40 @@ def num_threads(threads: int | None) -> Any:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+class _HasStep(Protocol):
+    global_step: int
+
+
+def starts_fresh(trainer: _HasStep) -> bool:
+    """Whether ``on_train_start`` is the start of training (step 0) rather than a resume.
+
+    An ``at_start`` analysis belongs to step 0 only: after a resume from a checkpoint taken between two
+    scheduled steps, analysing at the resume step would put an analysis off the schedule (and change the
+    evolution metrics of the next one), so the resumed run would differ from a straight run.
+    """
+    return trainer.global_step == 0
+
+
+def write_or_count(write: Callable[[], None], what: str, failures: int, warn: Callable[[str], None]) -> int:
+    """Runs ``write``; returns the failure count, one more if it raised ``OSError`` (full disk, lost mount).
+
+    Files of an analysis are auxiliary: a failed write must not end training. Only the first failure is
+    reported (``warn``, one line, no traceback); later ones are only counted, so a full disk does not
+    flood the log. The writes themselves are atomic (:mod:`lib_lightning.core.files`): a failed one
+    leaves neither a temporary file nor half a file.
+    """
+    try:
+        write()
+    except OSError as err:
+        if failures == 0:
+            warn(f"could not write {what} ({err.__class__.__name__}: {err}); skipped, training goes on; "
+                 "further write failures are only counted")
+        return failures + 1
+    return failures
+
+
+def oversize_message(size: int, available: int, what: str) -> str:
+    """The warning for an analysis set asked larger than its source: both numbers, and what is used."""
+    return f"size={size} is larger than {what}, which has {available} examples: the analysis uses all {available}"

@@ -107,6 +107,8 @@ class ModularAddition(Classifier):
         warmup_steps: int = 10,
         log_every: str = "step",
     ) -> None:
+        if p < 2:  # before the accuracy metric complains about num_classes instead
+            raise ValueError(f"p must be >= 2, got p={p}")
         super().__init__(p, "adamw", lr, weight_decay, betas, warmup_steps, log_every)
         self.save_hyperparameters()
         self.model = ModAddTransformer(p, d_model, n_heads, d_head, d_mlp)
