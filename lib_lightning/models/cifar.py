@@ -32,8 +32,26 @@ Cuts: both networks are plain chains (no skip connections, no normalisation acro
 every hook point is a cut: each one is a function of the previous hook point alone, and therefore of
 any earlier one. Any subsequence of ``hook_points`` is a valid list of LIB node layers. For the CNN,
 the values per example (C·H·W) set the cost of the analysis; ``hook_block_2``, ``hook_pooled`` and
-``hook_logits`` are the cheap ones. There is deliberately no BatchNorm: in training mode it makes a
-node layer depend on the other examples of the batch, which breaks the cut property.
+``hook_logits`` are the cheap ones. There is deliberately no BatchNorm in these two: in training mode it makes a node layer depend
+on the other examples of the batch, which breaks the cut property.
+
+``cifar_resnet18`` is torchvision's ResNet-18, unchanged but for the stem (3×3 stride-1 ``conv1`` and no
+max-pool, the usual adaptation to 32×32 images). It is a model this library does not own: its module
+names are torchvision's, there are no hook points, and it has BatchNorm, residual blocks and in-place
+ReLUs. The analysis runs in eval mode, where BatchNorm is a fixed per-channel affine map, so the outputs
+of ``layer1`` … ``layer4`` (each residual stage ends the stage's skip connections) are cuts; points
+inside a block are not (the skip bypasses them):
+
+====================  ==========================  ==========================================
+module name           output shape                read as (the default conv layout)
+====================  ==========================  ==========================================
+``layer1``            ``(batch, 64, 32, 32)``     1,024 positions of 64 channels
+``layer2``            ``(batch, 128, 16, 16)``    256 positions of 128 channels
+``layer3``            ``(batch, 256, 8, 8)``      64 positions of 256 channels
+``layer4``            ``(batch, 512, 4, 4)``      16 positions of 512 channels
+``avgpool``           ``(batch, 512, 1, 1)``      1 position of 512 channels
+``fc``                ``(batch, 10)``             logits
+====================  ==========================  ==========================================
 """
 
 from __future__ import annotations
@@ -43,7 +61,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["CifarCNN", "CifarMLP"]
+__all__ = ["CifarCNN", "CifarMLP", "cifar_resnet18"]
 
 IMAGE_SHAPE = (3, 32, 32)
 _MAX_BLOCKS = 5  # each block halves the 32-pixel side: after five blocks it is 1
@@ -127,3 +145,19 @@ class CifarCNN(nn.Module):
             x = getattr(self, f"hook_block_{i}")(x)
         pooled = self.hook_pooled(x.mean(dim=(2, 3)))  # (batch, c_last)
         return self.hook_logits(self.head(pooled))
+
+
+def cifar_resnet18(num_classes: int = 10) -> nn.Module:
+    """torchvision's ResNet-18 for 32×32 images: ``conv1`` is 3×3 with stride 1 and the max-pool is dropped.
+
+    Raises:
+        ValueError: if ``num_classes`` is below 1.
+    """
+    from torchvision.models import resnet18
+
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    model = resnet18(num_classes=num_classes)
+    model.conv1 = nn.Conv2d(IMAGE_SHAPE[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lib_lightning.models.cifar import CifarCNN, CifarMLP
+from lib_lightning.models.cifar import CifarCNN, CifarMLP, cifar_resnet18
 from lib_lightning.models.transformer import ModAddTransformer
 
 
@@ -129,3 +129,22 @@ def test_linear_mlp_without_hidden_layers():
 def test_bad_arguments(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_resnet18_keeps_32x32_resolution_through_the_stem():
+    model = cifar_resnet18(num_classes=7).eval()
+    shapes = {}
+    hooks = [
+        getattr(model, name).register_forward_hook(lambda m, a, out, name=name: shapes.__setitem__(name, tuple(out.shape)))
+        for name in ("layer1", "layer2", "layer3", "layer4", "avgpool", "fc")
+    ]
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    for hook in hooks:
+        hook.remove()
+    assert shapes == {
+        "layer1": (2, 64, 32, 32), "layer2": (2, 128, 16, 16), "layer3": (2, 256, 8, 8),
+        "layer4": (2, 512, 4, 4), "avgpool": (2, 512, 1, 1), "fc": (2, 7),
+    }
+    with pytest.raises(ValueError, match="num_classes must be >= 1, got 0"):
+        cifar_resnet18(num_classes=0)

@@ -65,7 +65,7 @@ def test_builds_the_named_architecture_under_model():
 
 
 def test_bad_arch():
-    with pytest.raises(ValueError, match=r"arch must be one of \('mlp', 'cnn'\), got 'resnet'"):
+    with pytest.raises(ValueError, match=r"arch must be one of \('mlp', 'cnn', 'resnet18'\), got 'resnet'"):
         CifarClassifier(arch="resnet")
 
 
