@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-__all__ = ["batch_size", "example_leaves", "select", "split", "concat", "to_device", "prepare"]
+__all__ = ["batch_size", "describe", "example_leaves", "select", "split", "concat", "to_device", "prepare"]
 
 
 class _Mapped:
@@ -90,6 +90,17 @@ def example_leaves(inputs: Any) -> list[tuple[str, torch.Tensor]]:
     """The example-level tensors of model inputs with their paths (``"[0]['input_ids']"``; ``""`` for a tensor)."""
     paths_leaves, _ = pytree.tree_flatten_with_path(_wrap(inputs))
     return [(pytree.keystr(path), leaf) for path, leaf in paths_leaves if _is_example_level(leaf)]
+
+
+def describe(inputs: Any) -> str:
+    """A short account of model inputs for error messages: type and every tensor's path, shape and dtype."""
+    paths_leaves, _ = pytree.tree_flatten_with_path(_wrap(inputs))
+    parts = [
+        f"{pytree.keystr(path) or 'tensor'} {tuple(leaf.shape)} {str(leaf.dtype).removeprefix('torch.')}"
+        for path, leaf in paths_leaves
+        if isinstance(leaf, torch.Tensor)
+    ]
+    return f"{type(inputs).__name__} of " + (", ".join(parts) if parts else "no tensors")
 
 
 def _describe(path: str) -> str:
