@@ -1,0 +1,145 @@
+"""The LIB callback on models with structured batches, BatchNorm and dropout, and on several processes."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from transformers import BatchEncoding
+
+from callbacks.lib_analysis import LIBAnalysis
+from lib_lightning.core.capture import CutError
+from lib_lightning.core.graph import load_graphs
+from tests.callbacks.structured import BagOfTokens, BatchNormNet, OfflineTransformer, PaddedTokens
+from tests.core.test_reduce_devices import DevicelessFactories, RecordingReduce
+
+BAG_LAYERS = ["mlp.0[in]", "mlp.1", "mlp.3", "head"]
+BN_LAYERS = ["net.0[in]", "net.2", "net.5", "net.6"]
+
+
+def _trainer(root, max_steps, callbacks, **kwargs):
+    return L.Trainer(
+        max_steps=max_steps, default_root_dir=root, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0, callbacks=callbacks, **kwargs,
+    )
+
+
+def _bag_callback(**kwargs):
+    settings = dict(every_n_steps=3, size=40, batch_size=16, forward="tests.callbacks.structured:call_with_keywords")
+    return LIBAnalysis(BAG_LAYERS, **{**settings, **kwargs})
+
+
+def test_tuple_batches_of_an_encoder_decoder_reach_the_cut_check(tmp_path):
+    """Lightning's demo transformer: the target embedding bypasses the encoder, so the pair is no cut."""
+    L.seed_everything(0)
+    cb = LIBAnalysis(["model.transformer.encoder", "model.transformer.decoder"], every_n_steps=2, size=12,
+                     batch_inputs=lambda b: (b[0], b[1]), forward=lambda m, x: m(*x))
+    with pytest.raises(CutError, match="node layers 'model.transformer.encoder' -> 'model.transformer.decoder' are not a cut"):
+        _trainer(tmp_path, 2, [cb]).fit(OfflineTransformer())
+    assert isinstance(cb._inputs, tuple) and [t.shape for t in cb._inputs] == [(12, 6), (12, 6)]
+
+
+def test_batch_encodings_through_a_keyword_forward_end_to_end(tmp_path):
+    L.seed_everything(0)
+    cb = _bag_callback(relu_layers=["mlp.1"])
+    _trainer(tmp_path, 6, [cb]).fit(BagOfTokens(), PaddedTokens())
+    assert cb.analysed_steps == [0, 3, 6]
+    assert type(cb._inputs) is BatchEncoding and cb._inputs["input_ids"].shape == (40, 7)
+    metrics = cb.history[-1]["metrics"]
+    assert {"lib/mlp.1/dim_abs", "edges/mlp.1->mlp.3/lib_n99", "relu/mlp.1/n_dead"} <= set(metrics)
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+    graphs = load_graphs(tmp_path / "lib" / "step_00000006.pt")
+    lib = graphs["lib"]
+    assert lib.layer_names == BAG_LAYERS and lib.dims[-1] == 3 and lib.n_examples == 40
+    for edges, (d_in, d_out) in zip(lib.edges, zip(lib.dims[:-1], lib.dims[1:])):
+        assert edges.shape == (d_out, d_in) and torch.isfinite(edges).all()  # rows: output features
+
+
+def test_batch_inputs_with_leaves_of_other_batch_sizes_are_named(tmp_path):
+    cb = _bag_callback(batch_inputs=lambda b: {"input_ids": b[0]["input_ids"], "attention_mask": b[0]["attention_mask"][:-1]})
+    with pytest.raises(ValueError, match=r"batch_inputs\(batch\) of train batch 0: leaf \"\['attention_mask'\]\" has "
+                                         r"shape \(15, 7\), but leaf \"\['input_ids'\]\" has batch size 16"):
+        _trainer(tmp_path, 1, [cb]).fit(BagOfTokens(), PaddedTokens())
+
+
+def test_a_forward_that_does_not_fit_the_inputs_says_what_it_was_given(tmp_path):
+    cb = _bag_callback(forward=None)  # model(encoding): the module wants keyword arguments
+    with pytest.raises(TypeError, match="attention_mask") as info:
+        _trainer(tmp_path, 1, [cb]).fit(BagOfTokens(), PaddedTokens())
+    assert "with inputs BatchEncoding of ['input_ids'] (16, 7) int64, ['attention_mask'] (16, 7) int64" in "".join(
+        info.value.__notes__
+    )
+
+
+def _bn_run(root, callbacks):
+    L.seed_everything(0)
+    model = BatchNormNet()
+    _trainer(root, 8, callbacks).fit(model)
+    return model
+
+
+def test_batchnorm_and_dropout_training_is_bit_identical_with_the_callback(tmp_path):
+    """Every analysis forward (NaN check, co-firing, LIB) runs in eval mode: no BatchNorm update, no dropout draw."""
+    plain = _bn_run(tmp_path / "a", [])
+    cb = LIBAnalysis(BN_LAYERS, every_n_steps=2, size=64, batch_size=32, relu_layers=["net.2", "net.5"])
+    analysed = _bn_run(tmp_path / "b", [cb])
+    assert cb.analysed_steps == [0, 2, 4, 6, 8]
+    assert analysed.training and all(m.training for m in analysed.modules())
+    state = analysed.state_dict()
+    assert "net.1.running_mean" in state and state["net.1.num_batches_tracked"] == 8
+    for name, value in plain.state_dict().items():
+        assert torch.equal(value, state[name]), name
+
+
+class _Recorded(LIBAnalysis):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.recorder: RecordingReduce | None = None
+
+    def _reduce(self, trainer):
+        self.recorder = RecordingReduce(trainer.lightning_module.device)
+        return self.recorder
+
+
+def test_every_tensor_the_callback_reduces_lives_on_the_model_device(tmp_path):
+    cb = _Recorded(BN_LAYERS, every_n_steps=2, size=64, batch_size=32, relu_layers=["net.2"])
+    with DevicelessFactories():
+        _bn_run(tmp_path, [cb])
+    assert cb.analysed_steps == [0, 2, 4, 6, 8] and cb.recorder.seen > 20
+
+
+def test_too_few_examples_for_the_processes_is_refused_alike_on_every_rank():
+    """The check needs only the set's size and the world size: every rank raises, none waits in a collective."""
+    cb = LIBAnalysis(BN_LAYERS, every_n_steps=2, size=3)
+    inputs = torch.randn(3, 5)
+    for rank in range(2):
+        trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        with pytest.raises(ValueError, match="the analysis set has 3 examples for 2 processes: every process needs at least 2"):
+            cb._shard(trainer, inputs, torch.device("cpu"))
+    batches, index = cb._shard(SimpleNamespace(world_size=2, global_rank=1), torch.randn(5, 5), torch.device("cpu"))
+    assert index.tolist() == [1, 3] and [b.shape[0] for b in batches] == [2]
+
+
+def test_a_failure_on_one_rank_is_raised_on_every_rank_after_the_first_collective():
+    model = BatchNormNet()
+    cb = LIBAnalysis(BN_LAYERS, every_n_steps=2, size=4, batch_size=2)
+    cb._inputs = torch.randn(4, 5)
+    trainer = SimpleNamespace(world_size=2, global_rank=0)
+    other_failed = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="failed on another process before its first collective"):
+        cb._prepare(trainer, model, lambda t: t + other_failed)
+    cb._inputs = torch.randn(4, 7)  # this rank's forward fails: it still joins the collective, then raises
+    joined = []
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
+        cb._prepare(trainer, model, lambda t: joined.append(t) or t)
+    assert joined and joined[0].tolist() == [1.0, 0.0]
+    cb._inputs = torch.randn(4, 5)
+    batches, index, finite = cb._prepare(trainer, model.eval(), lambda t: t)
+    assert finite and index.tolist() == [0, 2] and len(batches) == 1
+
+
+def test_batch_size_below_two_is_refused():
+    with pytest.raises(ValueError, match=r"batch_size must be >= 2 \(the cut check compares examples of a batch\), got 1"):
+        LIBAnalysis(BN_LAYERS, every_n_steps=2, batch_size=1)
