@@ -121,3 +121,11 @@ class BatchNormNet(L.LightningModule):
         x = torch.randn(128, 5, generator=gen)
         y = (x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] > 1).long()
         return DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+
+
+class PaddedTokensFixedSet(PaddedTokens):
+    """Gives the same analysis set on every process (the loader under DDP gives each its own examples)."""
+
+    def analysis_inputs(self, split: str, size: int, seed: int) -> BatchEncoding:
+        ids, mask, _ = _padded_tokens(size, seed + 1)
+        return BatchEncoding({"input_ids": ids, "attention_mask": mask})

@@ -10,9 +10,18 @@ import torch
 from transformers import BatchEncoding
 
 from callbacks.lib_analysis import LIBAnalysis
+from lib_lightning.core import batch as nested
 from lib_lightning.core.capture import CutError
 from lib_lightning.core.graph import load_graphs
-from tests.callbacks.structured import BagOfTokens, BatchNormNet, OfflineTransformer, PaddedTokens
+from lib_lightning.core.lib import build_graphs
+from tests.callbacks.structured import (
+    BagOfTokens,
+    BatchNormNet,
+    OfflineTransformer,
+    PaddedTokens,
+    PaddedTokensFixedSet,
+    call_with_keywords,
+)
 from tests.core.test_reduce_devices import DevicelessFactories, RecordingReduce
 
 BAG_LAYERS = ["mlp.0[in]", "mlp.1", "mlp.3", "head"]
@@ -143,3 +152,30 @@ def test_a_failure_on_one_rank_is_raised_on_every_rank_after_the_first_collectiv
 def test_batch_size_below_two_is_refused():
     with pytest.raises(ValueError, match=r"batch_size must be >= 2 \(the cut check compares examples of a batch\), got 1"):
         LIBAnalysis(BN_LAYERS, every_n_steps=2, batch_size=1)
+
+
+def test_two_processes_with_unequal_shards_and_batch_counts_equal_one_process(tmp_path):
+    """9 examples on 2 gloo processes: shards of 5 and 4, in 3 and 2 batches of at most 2 (BatchEncodings)."""
+    L.seed_everything(0)
+    model = BagOfTokens()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    data = PaddedTokensFixedSet()
+    cb = _bag_callback(size=9, batch_size=2)
+    trainer = _trainer(tmp_path, 1, [cb], accelerator="cpu", devices=2, strategy="ddp_spawn")
+    trainer.fit(model, data)
+    two = load_graphs(tmp_path / "lib" / "step_00000000.pt")
+
+    reference = BagOfTokens()
+    reference.load_state_dict(initial)
+    x = data.analysis_inputs("train", 9, cb.seed)
+    shards = [nested.select(x, torch.arange(9)[rank::2]) for rank in range(2)]
+    batches = [b for shard in shards for b in nested.split(shard, 2)]
+    assert [nested.batch_size(b) for b in batches] == [2, 2, 1, 2, 2]
+    one = build_graphs(reference, BAG_LAYERS, batches, forward=call_with_keywords, kinds=("lib", "pca"))
+    for kind in ("lib", "pca"):
+        assert one[kind].dims == two[kind].dims
+        for a, b in zip(one[kind].layers, two[kind].layers):
+            torch.testing.assert_close(a.lambdas, b.lambdas, rtol=1e-7, atol=1e-12)
+        for a, b in zip(one[kind].edges, two[kind].edges):
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)
+    assert two["lib"].n_examples == 9
