@@ -141,8 +141,14 @@ def batch_size(inputs: Any, expected: int | None = None, what: str = "model inpu
 
 
 def select(inputs: Any, index: slice | torch.Tensor) -> Any:
-    """The examples ``index`` (a slice or an index tensor over the batch dimension) of model inputs."""
-    return _map(lambda x: x[index] if _is_example_level(x) else x, inputs)
+    """The examples ``index`` (a slice or an index tensor over the batch dimension, on any device) of model inputs."""
+
+    def one(x: Any) -> Any:
+        if not _is_example_level(x):
+            return x
+        return x[index.to(x.device)] if isinstance(index, torch.Tensor) else x[index]
+
+    return _map(one, inputs)
 
 
 def split(inputs: Any, size: int) -> list[Any]:

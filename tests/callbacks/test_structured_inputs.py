@@ -1,4 +1,4 @@
-"""The LIB callback on models with structured batches, BatchNorm and dropout, and on several processes."""
+"""The LIB and LLC callbacks on models with structured batches, BatchNorm and dropout, and on several processes."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import BatchEncoding
 
 from callbacks.lib_analysis import LIBAnalysis
+from callbacks.llc import LLCCallback
 from lib_lightning.core import batch as nested
 from lib_lightning.core.capture import CutError
 from lib_lightning.core.graph import load_graphs
@@ -93,8 +95,10 @@ def test_batchnorm_and_dropout_training_is_bit_identical_with_the_callback(tmp_p
     """Every analysis forward (NaN check, co-firing, LIB) runs in eval mode: no BatchNorm update, no dropout draw."""
     plain = _bn_run(tmp_path / "a", [])
     cb = LIBAnalysis(BN_LAYERS, every_n_steps=2, size=64, batch_size=32, relu_layers=["net.2", "net.5"])
-    analysed = _bn_run(tmp_path / "b", [cb])
-    assert cb.analysed_steps == [0, 2, 4, 6, 8]
+    llc = LLCCallback(schedule="every", every_n_steps=3, num_chains=2, num_draws=4, num_burnin=2, batch_size=16,
+                      log_traces=False)
+    analysed = _bn_run(tmp_path / "b", [cb, llc])
+    assert cb.analysed_steps == [0, 2, 4, 6, 8] and [h[0] for h in llc.history] == [3, 6]
     assert analysed.training and all(m.training for m in analysed.modules())
     state = analysed.state_dict()
     assert "net.1.running_mean" in state and state["net.1.num_batches_tracked"] == 8
@@ -179,3 +183,22 @@ def test_two_processes_with_unequal_shards_and_batch_counts_equal_one_process(tm
         for a, b in zip(one[kind].edges, two[kind].edges):
             torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)
     assert two["lib"].n_examples == 9
+
+
+class _EncodingLLC(LLCCallback):
+    def forward(self, model, batch):
+        return model(**batch[0])
+
+    def loss(self, output, batch):
+        return F.cross_entropy(output, batch[1])
+
+
+def test_the_llc_callback_takes_batches_of_batch_encodings(tmp_path):
+    L.seed_everything(0)
+    cb = _EncodingLLC(schedule="every", every_n_steps=2, num_chains=2, num_draws=4, num_burnin=2, batch_size=16,
+                      num_batches=3, log_traces=False)
+    _trainer(tmp_path, 4, [cb]).fit(BagOfTokens(), PaddedTokens())
+    encoding, labels = cb._data
+    assert type(encoding) is BatchEncoding and encoding["input_ids"].shape == (48, 7) and labels.shape == (48,)
+    assert [step for step, _, _ in cb.history] == [2, 4]
+    assert all(torch.isfinite(torch.tensor([mean, std])).all() for _, mean, std in cb.history)
