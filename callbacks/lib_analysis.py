@@ -165,8 +165,9 @@ class LIBAnalysis(Callback):
         self.snapshot: Snapshot | None = None
         self.skipped = 0
         self._planned: list[int] = []
-        self._inputs: Any = None
-        self._warned_images = False
+        self._inputs: Any = None  # the analysis set, on CPU
+        self._drawn = False  # whether it was drawn from a dataloader (then it is kept in checkpoints)
+        self._warned_images = self._warned_state = False
 
     # ----------------------------------------------------------------- identity, state, schedule
     @property
@@ -177,17 +178,27 @@ class LIBAnalysis(Callback):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "history": self.history,
             "snapshot": self.snapshot.to_state() if self.snapshot is not None else None,
             "skipped": self.skipped,
         }
+        if self._drawn and self._inputs is not None:  # a set drawn from a shuffling loader is not reproducible
+            try:
+                state["inputs"] = nested.to_state(self._inputs)
+            except NotImplementedError as err:
+                if not self._warned_state:
+                    self._warned_state = True
+                    rank_zero_warn(f"LIBAnalysis: the analysis set is not saved in the checkpoint ({err}); a resumed run draws it again")
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
         snapshot = state_dict.get("snapshot")
         self.snapshot = Snapshot.from_state(snapshot) if snapshot else None
         self.skipped = int(state_dict.get("skipped", 0))
+        if state_dict.get("inputs") is not None:
+            self._inputs, self._drawn = nested.from_state(state_dict["inputs"]), True
 
     @property
     def analysed_steps(self) -> list[int]:
@@ -220,11 +231,12 @@ class LIBAnalysis(Callback):
 
     # ----------------------------------------------------------------- the analysis
     def analysis_inputs(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
-        """The fixed analysis set (model inputs, on CPU), drawn once per fit.
+        """The fixed analysis set (model inputs, on CPU), drawn once.
 
         A datamodule with ``analysis_inputs(split, size, seed)`` provides it; otherwise the first ``size``
-        examples of the split's dataloader are taken. Model inputs may be a tensor or a nesting of
-        tuples, lists, dicts and mappings (see :mod:`lib_lightning.core.batch`), batch first.
+        examples of the split's dataloader are taken, and kept in the checkpoint so that a resumed run
+        analyses the same examples. Model inputs may be a tensor or a nesting of tuples, lists, dicts
+        and mappings (see :mod:`lib_lightning.core.batch`), batch first.
         """
         if self._inputs is not None:
             return self._inputs
@@ -245,6 +257,7 @@ class LIBAnalysis(Callback):
                 raise ValueError(f"the {self.split} dataloader is empty: no analysis set")
             n = min(n, self.size)
             inputs = nested.to_device(nested.select(nested.concat(parts), slice(0, n)), "cpu")
+            self._drawn = True
         if n < 2:
             raise ValueError(f"the analysis set has {n} example(s); need at least 2 ({self.split} split)")
         self._inputs = inputs

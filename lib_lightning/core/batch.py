@@ -12,13 +12,17 @@ passes through selection unchanged and is taken from the first batch when batche
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
-__all__ = ["batch_size", "describe", "example_leaves", "select", "split", "concat", "to_device", "prepare"]
+__all__ = [
+    "batch_size", "describe", "example_leaves", "select", "split", "concat", "to_device", "prepare", "to_state",
+    "from_state",
+]
 
 
 class _Mapped:
@@ -42,8 +46,27 @@ def _mapped_unflatten(values: Sequence[Any], context: Any) -> _Mapped:
     return _Mapped(cls, dict(zip(keys, values)))
 
 
+def _mapped_to_json(context: Any) -> list[Any]:
+    cls, keys = context
+    return [f"{cls.__module__}:{cls.__qualname__}", list(keys)]
+
+
+def _mapped_from_json(dumped: list[Any]) -> Any:
+    """The mapping type named ``module:qualname`` (a plain dict if it cannot be imported), and the keys."""
+    module, _, qualname = dumped[0].partition(":")
+    try:
+        cls: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            cls = getattr(cls, part)
+    except (ImportError, AttributeError):
+        cls = dict
+    return (cls if isinstance(cls, type) and issubclass(cls, Mapping) else dict), tuple(dumped[1])
+
+
 pytree.register_pytree_node(
-    _Mapped, _mapped_flatten, _mapped_unflatten, flatten_with_keys_fn=_mapped_flatten_with_keys
+    _Mapped, _mapped_flatten, _mapped_unflatten, flatten_with_keys_fn=_mapped_flatten_with_keys,
+    serialized_type_name="lib_lightning.core.batch._Mapped", to_dumpable_context=_mapped_to_json,
+    from_dumpable_context=_mapped_from_json,
 )
 
 
@@ -194,3 +217,20 @@ def prepare(inputs: Any, dtype: torch.dtype | None) -> Any:
         return out.to(dtype) if dtype is not None and out.is_floating_point() else out
 
     return _map(one, inputs)
+
+
+def to_state(inputs: Any) -> dict[str, Any]:
+    """Model inputs as tensors, plain values and a JSON string, which ``torch.load(weights_only=True)`` reads.
+
+    Mapping types are stored by name and rebuilt by :func:`from_state` (as a dict if not importable).
+
+    Raises:
+        NotImplementedError: for containers pytree cannot serialise (e.g. a namedtuple it does not know).
+    """
+    leaves, spec = pytree.tree_flatten(_wrap(inputs))
+    return {"leaves": leaves, "structure": pytree.treespec_dumps(spec)}
+
+
+def from_state(state: dict[str, Any]) -> Any:
+    """Inverse of :func:`to_state`."""
+    return _unwrap(pytree.tree_unflatten(state["leaves"], pytree.treespec_loads(state["structure"])))

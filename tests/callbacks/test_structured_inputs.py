@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import BatchEncoding
 
 from callbacks.lib_analysis import LIBAnalysis
@@ -33,7 +34,7 @@ BN_LAYERS = ["net.0[in]", "net.2", "net.5", "net.6"]
 def _trainer(root, max_steps, callbacks, **kwargs):
     return L.Trainer(
         max_steps=max_steps, default_root_dir=root, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0, callbacks=callbacks, **kwargs,
+        enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks, **{"enable_checkpointing": False, **kwargs},
     )
 
 
@@ -202,3 +203,18 @@ def test_the_llc_callback_takes_batches_of_batch_encodings(tmp_path):
     assert type(encoding) is BatchEncoding and encoding["input_ids"].shape == (48, 7) and labels.shape == (48,)
     assert [step for step, _, _ in cb.history] == [2, 4]
     assert all(torch.isfinite(torch.tensor([mean, std])).all() for _, mean, std in cb.history)
+
+
+def test_a_resumed_run_analyses_the_set_drawn_before_the_checkpoint(tmp_path):
+    """A set drawn from a shuffling loader is kept in the checkpoint (loaded with torch's weights_only default)."""
+    L.seed_everything(0)
+    first = _bag_callback()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1)
+    _trainer(tmp_path, 6, [first, ckpt], enable_checkpointing=True).fit(BagOfTokens(), PaddedTokens())
+    L.seed_everything(1)  # the loader now shuffles otherwise: drawing again would give other examples
+    resumed = _bag_callback()
+    _trainer(tmp_path, 9, [resumed]).fit(BagOfTokens(), PaddedTokens(), ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.analysed_steps == [0, 3, 6, 9]
+    assert type(resumed._inputs) is BatchEncoding
+    for key in ("input_ids", "attention_mask"):
+        assert torch.equal(resumed._inputs[key], first._inputs[key])

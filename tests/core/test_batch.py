@@ -8,7 +8,17 @@ import pytest
 import torch
 from transformers import BatchEncoding
 
-from lib_lightning.core.batch import batch_size, concat, example_leaves, prepare, select, split, to_device
+from lib_lightning.core.batch import (
+    batch_size,
+    concat,
+    example_leaves,
+    from_state,
+    prepare,
+    select,
+    split,
+    to_device,
+    to_state,
+)
 from lib_lightning.core.capture import select_examples
 from lib_lightning.core.jacobian import batch_size as jacobian_batch_size
 from lib_lightning.core.modes import prepare_inputs
@@ -100,3 +110,16 @@ def test_select_examples_of_a_user_dict_and_a_mapping_without_a_dict_constructor
     assert type(out[1]) is dict and torch.equal(out[1]["b"], torch.tensor([[2, 3], [4, 5]]))
     with pytest.raises(ValueError, match="size must be >= 1, got 0"):
         split(x, 0)
+
+
+def test_state_round_trip_loads_with_weights_only(tmp_path):
+    x = {k: v for k, v in _nested(4).items() if k != "pair"}  # namedtuples are not serialisable, below
+    x["pairs"] = [(torch.arange(4), 1.5)]
+    torch.save({"inputs": to_state(x)}, tmp_path / "state.pt")
+    back = from_state(torch.load(tmp_path / "state.pt", weights_only=True)["inputs"])
+    assert type(back["text"]) is BatchEncoding and back["mode"] == "train" and back["pairs"][0][1] == 1.5
+    assert type(back["pairs"][0]) is tuple
+    for (pa, a), (pb, b) in zip(example_leaves(x), example_leaves(back)):
+        assert pa == pb and torch.equal(a, b)
+    with pytest.raises(NotImplementedError, match="namedtuple"):
+        to_state(_nested(2))
