@@ -391,9 +391,20 @@ class LIBAnalysis(Callback):
                             "(from batch_inputs(batch)); give forward= and batch_inputs= that fit the module"
                         )
                     raise
+                self._check_batch_first(acts, nested.batch_size(inputs))
                 if not all(torch.isfinite(a.sum()) for a in acts):
                     return False
         return True
+
+    def _check_batch_first(self, acts: list[torch.Tensor], batch: int) -> None:
+        """Raises ``ValueError`` naming a node layer whose activation's first dimension is not the batch."""
+        for layer, a in zip(self.layers, acts):
+            if a.shape[0] != batch:
+                raise ValueError(
+                    f"node layer {layer.name!r} has an activation of shape {tuple(a.shape)} (batch, pos, d) for "
+                    f"inputs of batch size {batch}: its first dimension must be the batch (a module with "
+                    "batch_first=False puts the sequence first)"
+                )
 
     def _relu_metrics(self, pl_module, batches, index, reduce) -> dict[str, float]:
         if not self.relu_layers:

@@ -218,3 +218,18 @@ def test_a_resumed_run_analyses_the_set_drawn_before_the_checkpoint(tmp_path):
     assert type(resumed._inputs) is BatchEncoding
     for key in ("input_ids", "attention_mask"):
         assert torch.equal(resumed._inputs[key], first._inputs[key])
+
+
+class _SequenceFirst(BagOfTokens):
+    """Runs its MLP on (pos, batch, d) activations, as batch_first=False modules do."""
+
+    def forward(self, input_ids, attention_mask):
+        h = self.embed(input_ids).transpose(0, 1)  # (pos, batch, d)
+        return self.head(self.mlp(h)).mean(0)
+
+
+def test_node_layers_whose_first_dimension_is_not_the_batch_are_named(tmp_path):
+    cb = _bag_callback(size=16)
+    with pytest.raises(ValueError, match=r"node layer 'mlp.0\[in\]' has an activation of shape \(7, 16, 8\) \(batch, pos, d\) "
+                                         r"for inputs of batch size 16: its first dimension must be the batch"):
+        _trainer(tmp_path, 1, [cb]).fit(_SequenceFirst(), PaddedTokens())
