@@ -245,23 +245,47 @@ class LIBAnalysis(Callback):
             inputs = source.analysis_inputs(self.split, self.size, self.seed)
             n = nested.batch_size(inputs, what=f"analysis_inputs({self.split!r}, {self.size}, {self.seed})")
         else:
-            loader = self._loader(trainer, source)
-            parts, n = [], 0
-            for batch in loader:
-                x = self.batch_inputs(batch)
-                n += nested.batch_size(x, what=f"batch_inputs(batch) of {self.split} batch {len(parts)}")
-                parts.append(x)
-                if n >= self.size:
-                    break
-            if not parts:
-                raise ValueError(f"the {self.split} dataloader is empty: no analysis set")
-            n = min(n, self.size)
-            inputs = nested.to_device(nested.select(nested.concat(parts), slice(0, n)), "cpu")
+            inputs, n = self._draw(trainer, source)
             self._drawn = True
         if n < 2:
             raise ValueError(f"the analysis set has {n} example(s); need at least 2 ({self.split} split)")
         self._inputs = inputs
         return inputs
+
+    def _draw(self, trainer: L.Trainer, source: Any) -> tuple[Any, int]:
+        """The first ``size`` examples of the split's dataloader, and their number.
+
+        Under DDP every rank takes rank zero's (each rank's loader may shuffle or shard differently, and
+        the shards must partition one set), and every rank raises when rank zero could not draw them.
+        """
+        error: Exception | None = None
+        try:
+            drawn: Any = self._first_examples(self._loader(trainer, source))
+        except Exception as err:
+            if trainer.world_size == 1:
+                raise
+            drawn, error = f"{type(err).__name__}: {err}", err
+        if trainer.world_size > 1:
+            drawn = trainer.strategy.broadcast(drawn, src=0)
+            if isinstance(drawn, str):
+                if error is not None:  # this rank failed too: its own error says most
+                    raise error
+                raise RuntimeError(f"rank 0 could not draw the analysis set: {drawn}")
+        return drawn
+
+    def _first_examples(self, loader: Any) -> tuple[Any, int]:
+        """The first ``size`` examples of ``loader`` (on CPU) and their number."""
+        parts, n = [], 0
+        for batch in loader:
+            x = self.batch_inputs(batch)
+            n += nested.batch_size(x, what=f"batch_inputs(batch) of {self.split} batch {len(parts)}")
+            parts.append(x)
+            if n >= self.size:
+                break
+        if not parts:
+            raise ValueError(f"the {self.split} dataloader is empty: no analysis set")
+        n = min(n, self.size)
+        return nested.to_device(nested.select(nested.concat(parts), slice(0, n)), "cpu"), n
 
     def _loader(self, trainer: L.Trainer, source: Any) -> Any:
         """The split's dataloader: the datamodule's, else the one the trainer was given."""

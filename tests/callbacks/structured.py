@@ -63,13 +63,13 @@ def collate_encodings(items):
 
 
 class PaddedTokens(L.LightningDataModule):
-    def __init__(self, n: int = 96, batch_size: int = 16):
+    def __init__(self, n: int = 96, batch_size: int = 16, shuffle: bool = True):
         super().__init__()
-        self.n, self.batch_size = n, batch_size
+        self.n, self.batch_size, self.shuffle = n, batch_size, shuffle
 
     def train_dataloader(self):
         dataset = TensorDataset(*_padded_tokens(self.n, 0))
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, collate_fn=collate_encodings)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=self.shuffle, collate_fn=collate_encodings)
 
 
 def call_with_keywords(model, inputs):
@@ -122,10 +122,3 @@ class BatchNormNet(L.LightningModule):
         y = (x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] > 1).long()
         return DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
 
-
-class PaddedTokensFixedSet(PaddedTokens):
-    """Gives the same analysis set on every process (the loader under DDP gives each its own examples)."""
-
-    def analysis_inputs(self, split: str, size: int, seed: int) -> BatchEncoding:
-        ids, mask, _ = _padded_tokens(size, seed + 1)
-        return BatchEncoding({"input_ids": ids, "attention_mask": mask})

@@ -22,7 +22,6 @@ from tests.callbacks.structured import (
     BatchNormNet,
     OfflineTransformer,
     PaddedTokens,
-    PaddedTokensFixedSet,
     call_with_keywords,
 )
 from tests.core.test_reduce_devices import DevicelessFactories, RecordingReduce
@@ -160,11 +159,14 @@ def test_batch_size_below_two_is_refused():
 
 
 def test_two_processes_with_unequal_shards_and_batch_counts_equal_one_process(tmp_path):
-    """9 examples on 2 gloo processes: shards of 5 and 4, in 3 and 2 batches of at most 2 (BatchEncodings)."""
+    """9 examples on 2 gloo processes: shards of 5 and 4, in 3 and 2 batches of at most 2 (BatchEncodings).
+
+    The set is drawn from the dataloader (its first 9 examples) and broadcast from rank zero.
+    """
     L.seed_everything(0)
     model = BagOfTokens()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    data = PaddedTokensFixedSet()
+    data = PaddedTokens(shuffle=False)
     cb = _bag_callback(size=9, batch_size=2)
     trainer = _trainer(tmp_path, 1, [cb], accelerator="cpu", devices=2, strategy="ddp_spawn")
     trainer.fit(model, data)
@@ -172,7 +174,7 @@ def test_two_processes_with_unequal_shards_and_batch_counts_equal_one_process(tm
 
     reference = BagOfTokens()
     reference.load_state_dict(initial)
-    x = data.analysis_inputs("train", 9, cb.seed)
+    x, _ = cb._first_examples(data.train_dataloader())
     shards = [nested.select(x, torch.arange(9)[rank::2]) for rank in range(2)]
     batches = [b for shard in shards for b in nested.split(shard, 2)]
     assert [nested.batch_size(b) for b in batches] == [2, 2, 1, 2, 2]
@@ -233,3 +235,26 @@ def test_node_layers_whose_first_dimension_is_not_the_batch_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"node layer 'mlp.0\[in\]' has an activation of shape \(7, 16, 8\) \(batch, pos, d\) "
                                          r"for inputs of batch size 16: its first dimension must be the batch"):
         _trainer(tmp_path, 1, [cb]).fit(_SequenceFirst(), PaddedTokens())
+
+
+def test_under_ddp_every_rank_analyses_the_set_rank_zero_drew():
+    """Each rank's loader may shuffle or shard differently: rank zero's draw is broadcast, its failure raised."""
+    drawn_by_rank_zero = PaddedTokens(n=8)
+    sent = []
+
+    def broadcast(obj, src):
+        sent.append(obj)
+        return rank_zero_obj
+
+    cb = _bag_callback(size=5)
+    rank_zero_obj = cb._first_examples(drawn_by_rank_zero.train_dataloader())
+    strategy = SimpleNamespace(broadcast=broadcast)
+    rank_one = SimpleNamespace(world_size=2, global_rank=1, datamodule=PaddedTokens(n=0), strategy=strategy)
+    inputs = cb.analysis_inputs(rank_one, BagOfTokens())  # its own loader is empty: it gets rank zero's set
+    assert len(sent) == 1 and sent[0].startswith("ValueError: ")  # what it failed with, sent to the broadcast
+    assert torch.equal(inputs["input_ids"], rank_zero_obj[0]["input_ids"]) and cb._drawn
+
+    rank_zero_obj = "ValueError: the train dataloader is empty: no analysis set"
+    rank_one.datamodule = PaddedTokens(n=8)
+    with pytest.raises(RuntimeError, match="rank 0 could not draw the analysis set: ValueError: the train dataloader is empty"):
+        _bag_callback(size=5).analysis_inputs(rank_one, BagOfTokens())
