@@ -189,7 +189,9 @@ class LIBAnalysis(Callback):
             except NotImplementedError as err:
                 if not self._warned_state:
                     self._warned_state = True
-                    rank_zero_warn(f"LIBAnalysis: the analysis set is not saved in the checkpoint ({err}); a resumed run draws it again")
+                    rank_zero_warn(
+                        f"LIBAnalysis: the analysis set is not saved in the checkpoint ({err}); a resumed run draws it again"
+                    )
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -348,8 +350,7 @@ class LIBAnalysis(Callback):
             if trainer.world_size == 1:
                 raise
             error = err
-        flags = torch.tensor([float(error is not None), float(not finite)], dtype=torch.float64, device=pl_module.device)
-        flags = reduce(flags)
+        flags = reduce(torch.tensor([error is not None, not finite], dtype=torch.float64, device=pl_module.device))
         if error is not None:
             raise error
         if flags[0].item() > 0:

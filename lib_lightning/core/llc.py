@@ -101,7 +101,9 @@ def _check_data(data: Batch) -> int:
         return nested.batch_size(data, what="LLC data")
     except ValueError as err:
         lengths = [t.shape[0] for _, t in leaves]
-        raise ValueError(f"data tensors must share their first dimension (examples), got lengths {lengths}: {err}") from err
+        raise ValueError(
+            f"data tensors must share their first dimension (examples), got lengths {lengths}: {err}"
+        ) from err
 
 
 def _positive(name: str, value: float | None, allow_zero: bool = False) -> None:

@@ -47,7 +47,7 @@ class OfflineTransformer(LightningTransformer):
         return DataLoader(_TokenBlocks(self.n, self.block), batch_size=self.batch_size)
 
 
-def _padded_tokens(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def padded_tokens(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, VOCAB, (n, 7), generator=gen)
     lengths = torch.randint(2, 8, (n,), generator=gen)
@@ -68,7 +68,7 @@ class PaddedTokens(L.LightningDataModule):
         self.n, self.batch_size, self.shuffle = n, batch_size, shuffle
 
     def train_dataloader(self):
-        dataset = TensorDataset(*_padded_tokens(self.n, 0))
+        dataset = TensorDataset(*padded_tokens(self.n, 0))
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=self.shuffle, collate_fn=collate_encodings)
 
 

@@ -9,8 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
 from transformers import BatchEncoding
 
+from callbacks.ablation import Ablation
 from callbacks.lib_analysis import LIBAnalysis
 from callbacks.llc import LLCCallback
 from lib_lightning.core import batch as nested
@@ -23,6 +25,8 @@ from tests.callbacks.structured import (
     OfflineTransformer,
     PaddedTokens,
     call_with_keywords,
+    collate_encodings,
+    padded_tokens,
 )
 from tests.core.test_reduce_devices import DevicelessFactories, RecordingReduce
 
@@ -258,3 +262,20 @@ def test_under_ddp_every_rank_analyses_the_set_rank_zero_drew():
     rank_one.datamodule = PaddedTokens(n=8)
     with pytest.raises(RuntimeError, match="rank 0 could not draw the analysis set: ValueError: the train dataloader is empty"):
         _bag_callback(size=5).analysis_inputs(rank_one, BagOfTokens())
+
+
+class _PaddedTokensWithVal(PaddedTokens):
+    def val_dataloader(self):
+        return DataLoader(TensorDataset(*padded_tokens(64, 5)), batch_size=32, collate_fn=collate_encodings)
+
+
+def test_the_ablation_callback_takes_batch_encodings(tmp_path):
+    L.seed_everything(0)
+    cb = Ablation(BAG_LAYERS, every_n_steps=4, size=40, batch_size=16, eval_size=48, eval_batch_size=16,
+                  forward="tests.callbacks.structured:call_with_keywords")
+    _trainer(tmp_path, 4, [cb], limit_val_batches=0).fit(BagOfTokens(), _PaddedTokensWithVal())
+    inputs, labels = cb._data[0]
+    assert type(inputs) is BatchEncoding and inputs["input_ids"].shape == (16, 7) and labels.shape == (16,)
+    metrics = cb.history[-1]["metrics"]
+    assert {"ablation/mlp.1/lib_features_required", "ablation/mlp.1->mlp.3/pca_edges_required"} <= set(metrics)
+    assert 0 < metrics["ablation/baseline_acc"] <= 1
