@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.lib_analysis import LIBAnalysis
+from lib_lightning.core import batch as nested
 from lib_lightning.core.ablation import node_ablation, smallest_passing
 from lib_lightning.core.edge_ablation import edge_ablation
 from lib_lightning.core.files import atomic_write_text
@@ -81,20 +82,21 @@ class Ablation(LIBAnalysis):
         else:
             loader = (dm if dm is not None else pl_module).val_dataloader()
             batches = [(self.batch_inputs(b), b[1]) for b in loader]
-            x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+            x, y = nested.concat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+        nested.batch_size(x, expected=len(y), what="the held-out inputs")  # as many as labels
         if self.eval_size is not None and self.eval_size < len(y):
             index = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.seed))[: self.eval_size]
-            x, y = x[index], y[index]
-        x, y = x.to(pl_module.device), y.to(pl_module.device)
+            x, y = nested.select(x, index), y[index]
+        x, y = nested.to_device(x, pl_module.device), y.to(pl_module.device)
         size = self.eval_batch_size
-        self._data = [(x[i : i + size], y[i : i + size]) for i in range(0, len(y), size)]
+        self._data = list(zip(nested.split(x, size), y.split(size)))
         return self._data
 
     def _analyse(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         root = trainer.log_dir or trainer.default_root_dir
         folder = os.path.join(root, "ablation" if self.name is None else f"ablation_{self.name}")
-        inputs = self.analysis_inputs(trainer, pl_module).to(pl_module.device)
-        batches = [inputs[i : i + self.batch_size] for i in range(0, len(inputs), self.batch_size)]
+        inputs = nested.to_device(self.analysis_inputs(trainer, pl_module), pl_module.device)
+        batches = nested.split(inputs, self.batch_size)
         graphs = build_graphs(pl_module, self.layers, batches, forward=self.forward, **self.build_kwargs)
         data = self.evaluation_data(trainer, pl_module)
         names = self._names

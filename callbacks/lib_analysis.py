@@ -20,12 +20,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lib_lightning.core import batch as nested
 from lib_lightning.core.capture import NodeLayer, capture, default_forward, resolve_modules
 from lib_lightning.core.coactivation import relu_coactivation
 from lib_lightning.core.files import atomic_write_text
 from lib_lightning.core.integration import integration_rule
 from lib_lightning.core.graph import save_graphs
 from lib_lightning.core.lib import KINDS, build_graphs
+from lib_lightning.core.modes import analysis_mode
 from lib_lightning.core.summary import Snapshot, SummaryOptions, short_names, spectrum, summarise
 from lib_lightning.runtime import (
     default_batch_inputs,
@@ -139,9 +141,10 @@ class LIBAnalysis(Callback):
             raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
         if size < 2:
             raise ValueError(f"size must be >= 2 (the analysis needs at least two examples), got {size}")
-        for arg, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
-            if value < 1:
-                raise ValueError(f"{arg} must be >= 1, got {value}")
+        if batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 (the cut check compares examples of a batch), got {batch_size}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         if cache_mb < 0:
             raise ValueError(f"cache_mb must be >= 0, got {cache_mb}")
         if position_sources is not None and position_sources < 1:
@@ -172,8 +175,9 @@ class LIBAnalysis(Callback):
         self.skipped = 0
         self.save_errors = 0
         self._planned: list[int] = []
-        self._inputs: Any = None
-        self._warned_images = False
+        self._inputs: Any = None  # the analysis set, on CPU
+        self._drawn = False  # whether it was drawn from a dataloader (then it is kept in checkpoints)
+        self._warned_images = self._warned_state = False
 
     # ----------------------------------------------------------------- identity, state, schedule
     @property
@@ -184,12 +188,22 @@ class LIBAnalysis(Callback):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "history": self.history,
             "snapshot": self.snapshot.to_state() if self.snapshot is not None else None,
             "skipped": self.skipped,
             "save_errors": self.save_errors,
         }
+        if self._drawn and self._inputs is not None:  # a set drawn from a shuffling loader is not reproducible
+            try:
+                state["inputs"] = nested.to_state(self._inputs)
+            except NotImplementedError as err:
+                if not self._warned_state:
+                    self._warned_state = True
+                    rank_zero_warn(
+                        f"LIBAnalysis: the analysis set is not saved in the checkpoint ({err}); a resumed run draws it again"
+                    )
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
@@ -197,6 +211,8 @@ class LIBAnalysis(Callback):
         self.snapshot = Snapshot.from_state(snapshot) if snapshot else None
         self.skipped = int(state_dict.get("skipped", 0))
         self.save_errors = int(state_dict.get("save_errors", 0))
+        if state_dict.get("inputs") is not None:
+            self._inputs, self._drawn = nested.from_state(state_dict["inputs"]), True
 
     @property
     def analysed_steps(self) -> list[int]:
@@ -229,35 +245,64 @@ class LIBAnalysis(Callback):
 
     # ----------------------------------------------------------------- the analysis
     def analysis_inputs(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
-        """The fixed analysis set (model inputs, on CPU), drawn once per fit.
+        """The fixed analysis set (model inputs, on CPU), drawn once.
 
         A datamodule with ``analysis_inputs(split, size, seed)`` provides it; otherwise the first ``size``
-        examples of the split's dataloader are taken.
+        examples of the split's dataloader are taken, and kept in the checkpoint so that a resumed run
+        analyses the same examples. Model inputs may be a tensor or a nesting of tuples, lists, dicts
+        and mappings (see :mod:`lib_lightning.core.batch`), batch first.
         """
         if self._inputs is not None:
             return self._inputs
         source = trainer.datamodule if trainer.datamodule is not None else pl_module
         if hasattr(source, "analysis_inputs"):
             inputs = source.analysis_inputs(self.split, self.size, self.seed)
+            n = nested.batch_size(inputs, what=f"analysis_inputs({self.split!r}, {self.size}, {self.seed})")
         else:
-            loader = self._loader(trainer, source)
-            parts, n = [], 0
-            for batch in loader:
-                x = self.batch_inputs(batch)
-                parts.append(x)
-                n += len(x)
-                if n >= self.size:
-                    break
-            if not parts:
-                raise ValueError(f"the {self.split} dataloader is empty: no analysis set")
-            inputs = torch.cat(parts)[: self.size]
-        if len(inputs) < 2:
-            raise ValueError(f"the analysis set has {len(inputs)} example(s); need at least 2 ({self.split} split)")
-        if len(inputs) < self.size:
-            message = oversize_message(self.size, len(inputs), f"the {self.split} split")
+            inputs, n = self._draw(trainer, source)
+            self._drawn = True
+        if n < 2:
+            raise ValueError(f"the analysis set has {n} example(s); need at least 2 ({self.split} split)")
+        if n < self.size:
+            message = oversize_message(self.size, n, f"the {self.split} split")
             rank_zero_warn(f"{type(self).__name__}: {message}")
         self._inputs = inputs
         return inputs
+
+    def _draw(self, trainer: L.Trainer, source: Any) -> tuple[Any, int]:
+        """The first ``size`` examples of the split's dataloader, and their number.
+
+        Under DDP every rank takes rank zero's (each rank's loader may shuffle or shard differently, and
+        the shards must partition one set), and every rank raises when rank zero could not draw them.
+        """
+        error: Exception | None = None
+        try:
+            drawn: Any = self._first_examples(self._loader(trainer, source))
+        except Exception as err:
+            if trainer.world_size == 1:
+                raise
+            drawn, error = f"{type(err).__name__}: {err}", err
+        if trainer.world_size > 1:
+            drawn = trainer.strategy.broadcast(drawn, src=0)
+            if isinstance(drawn, str):
+                if error is not None:  # this rank failed too: its own error says most
+                    raise error
+                raise RuntimeError(f"rank 0 could not draw the analysis set: {drawn}")
+        return drawn
+
+    def _first_examples(self, loader: Any) -> tuple[Any, int]:
+        """The first ``size`` examples of ``loader`` (on CPU) and their number."""
+        parts, n = [], 0
+        for batch in loader:
+            x = self.batch_inputs(batch)
+            n += nested.batch_size(x, what=f"batch_inputs(batch) of {self.split} batch {len(parts)}")
+            parts.append(x)
+            if n >= self.size:
+                break
+        if not parts:
+            raise ValueError(f"the {self.split} dataloader is empty: no analysis set")
+        n = min(n, self.size)
+        return nested.to_device(nested.select(nested.concat(parts), slice(0, n)), "cpu"), n
 
     def _loader(self, trainer: L.Trainer, source: Any) -> Any:
         """The split's dataloader: the datamodule's, else the one the trainer was given."""
@@ -273,11 +318,22 @@ class LIBAnalysis(Callback):
             )
         return loader
 
-    def _shard(self, trainer: L.Trainer, inputs: torch.Tensor, device: torch.device) -> tuple[list, torch.Tensor]:
-        """This rank's examples (rank::world_size, no padding) in batches, and their global indices."""
-        index = torch.arange(len(inputs))[trainer.global_rank :: trainer.world_size]
-        shard = inputs[index].to(device)
-        return [shard[i : i + self.batch_size] for i in range(0, len(shard), self.batch_size)], index
+    def _shard(self, trainer: L.Trainer, inputs: Any, device: torch.device) -> tuple[list, torch.Tensor]:
+        """This rank's examples (rank::world_size, no padding) in batches on ``device``, and their global indices.
+
+        Raises:
+            ValueError: on every rank alike (the check needs only the set's size and the world size) when
+                some rank would get fewer than 2 examples: the cut check needs two per rank.
+        """
+        n, world = nested.batch_size(inputs), trainer.world_size
+        if n < 2 * world:
+            raise ValueError(
+                f"the analysis set has {n} examples for {world} processes: every process needs at least 2 "
+                f"(its shard is every {world}th example); raise size to >= {2 * world} or use fewer processes"
+            )
+        index = torch.arange(n)[trainer.global_rank :: world]
+        shard = nested.to_device(nested.select(inputs, index), device)
+        return nested.split(shard, self.batch_size), index
 
     def _reduce(self, trainer: L.Trainer) -> Callable[[torch.Tensor], torch.Tensor] | None:
         if trainer.world_size == 1:
@@ -288,18 +344,41 @@ class LIBAnalysis(Callback):
         step = trainer.global_step
         if trainer.sanity_checking or step in self.analysed_steps:
             return
-        with preserved_rng(), num_threads(self.threads), torch.inference_mode(False), torch.enable_grad():
+        # Eval mode for every analysis forward (NaN check and co-firing too): BatchNorm statistics and
+        # dropout masks must not change, so that training follows the same trajectory with the callback.
+        with preserved_rng(), num_threads(self.threads), torch.inference_mode(False), torch.enable_grad(), \
+                analysis_mode(pl_module, None):
             self._analyse(trainer, pl_module, step)
+
+    def _prepare(self, trainer: L.Trainer, pl_module: L.LightningModule, reduce) -> tuple[list, torch.Tensor, bool]:
+        """This rank's batches, their global indices, and whether every rank's activations are finite.
+
+        Whatever fails here on one rank (an empty loader, a shard too small, a forward that raises) is
+        made known to every rank by the first collective, so that all of them raise and none waits.
+        """
+        error, batches, index, finite = None, [], torch.zeros(0, dtype=torch.long), True
+        try:
+            inputs = self.analysis_inputs(trainer, pl_module)
+            batches, index = self._shard(trainer, inputs, pl_module.device)
+            finite = self._finite(pl_module, batches)
+        except Exception as err:
+            if trainer.world_size == 1:
+                raise
+            error = err
+        flags = reduce(torch.tensor([error is not None, not finite], dtype=torch.float64, device=pl_module.device))
+        if error is not None:
+            raise error
+        if flags[0].item() > 0:
+            raise RuntimeError("the LIB analysis failed on another process before its first collective; see its error")
+        return batches, index, flags[1].item() == 0
 
     def _analyse(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         start = time.perf_counter()
         folder = self._folder(trainer)  # trainer.log_dir broadcasts: every rank must ask
-        inputs = self.analysis_inputs(trainer, pl_module)
-        batches, index = self._shard(trainer, inputs, pl_module.device)
         reduce = self._reduce(trainer) or (lambda t: t)
-        # Every rank learns whether any rank saw a NaN before the collectives of the analysis start.
-        bad = torch.tensor(0.0 if self._finite(pl_module, batches) else 1.0, device=pl_module.device)
-        if reduce(bad).item() > 0:
+        # Every rank learns whether any rank saw a NaN (or failed) before the analysis' collectives start.
+        batches, index, finite = self._prepare(trainer, pl_module, reduce)
+        if not finite:
             self.skipped += 1
             rank_zero_warn(f"LIB analysis at step {step} skipped: NaN or Inf in the activations of {self._names}")
             self._log(trainer, {"lib/skipped": float(self.skipped)}, step)
@@ -343,11 +422,30 @@ class LIBAnalysis(Callback):
 
     def _finite(self, pl_module: L.LightningModule, batches: list) -> bool:
         with torch.no_grad():
-            for inputs in batches:
-                acts = capture(pl_module, self.layers, inputs, self.forward)
+            for b, inputs in enumerate(batches):
+                try:
+                    acts = capture(pl_module, self.layers, inputs, self.forward)
+                except Exception as err:
+                    if b == 0:
+                        err.add_note(
+                            f"LIBAnalysis called forward(pl_module, inputs) with inputs {nested.describe(inputs)} "
+                            "(from batch_inputs(batch)); give forward= and batch_inputs= that fit the module"
+                        )
+                    raise
+                self._check_batch_first(acts, nested.batch_size(inputs))
                 if not all(torch.isfinite(a.sum()) for a in acts):
                     return False
         return True
+
+    def _check_batch_first(self, acts: list[torch.Tensor], batch: int) -> None:
+        """Raises ``ValueError`` naming a node layer whose activation's first dimension is not the batch."""
+        for layer, a in zip(self.layers, acts):
+            if a.shape[0] != batch:
+                raise ValueError(
+                    f"node layer {layer.name!r} has an activation of shape {tuple(a.shape)} (batch, pos, d) for "
+                    f"inputs of batch size {batch}: its first dimension must be the batch (a module with "
+                    "batch_first=False puts the sequence first)"
+                )
 
     def _relu_metrics(self, pl_module, batches, index, reduce) -> dict[str, float]:
         if not self.relu_layers:

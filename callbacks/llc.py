@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
+from lib_lightning.core import batch as nested
 from lib_lightning.core.llc import default_nbeta, estimate_llc
 from lib_lightning.plotting import plot_traces
 
@@ -96,7 +97,7 @@ class LLCCallback(Callback):
         self.history: list[tuple[int, float, float]] = []  # (step, mean, std); NaN when failed
         self.last_step = -1
         self._steps: set[int] = set()
-        self._data: tuple[torch.Tensor, ...] | None = None
+        self._data: Any = None  # the LLC data: (inputs, labels) or the batches' own structure
         self._n_train = 0
 
     @property
@@ -191,7 +192,7 @@ class LLCCallback(Callback):
             if self.log_traces and local is not None and hasattr(getattr(logger, "experiment", None), "add_figure"):
                 logger.experiment.add_figure("llc/traces", plot_traces(local), global_step=step)
 
-    def _analysis_data(self, trainer, pl_module) -> tuple[torch.Tensor, ...]:
+    def _analysis_data(self, trainer, pl_module) -> Any:
         if self._data is not None:
             return self._data
         datamodule = trainer.datamodule
@@ -202,16 +203,16 @@ class LLCCallback(Callback):
             batches = []
             with torch.random.fork_rng(devices=[]):
                 for batch in trainer.train_dataloader:
-                    batches.append(tuple(batch))
+                    batches.append(batch)
                     if len(batches) == self.num_batches:
                         break
-            data = tuple(torch.cat(parts) for parts in zip(*batches))
-        self._n_train = data[0].shape[0]
+            data = nested.concat(batches)  # batches of any structure (tuples, dicts, BatchEncodings)
+        self._n_train = nested.batch_size(data, what="the LLC data")
         if self.max_examples is not None and self.max_examples < self._n_train:
             gen = torch.Generator().manual_seed(self.seed)
             keep = torch.randperm(self._n_train, generator=gen)[: self.max_examples]
-            data = tuple(t[keep] for t in data)
-        self._data = tuple(t.to(pl_module.device) for t in data)
+            data = nested.select(data, keep)
+        self._data = nested.to_device(data, pl_module.device)
         return self._data
 
     def state_dict(self) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from lib_lightning.core import batch as nested
 from lib_lightning.core.ablation import node_ablation, smallest_passing
 from lib_lightning.core.capture import NodeLayer, capture
 from lib_lightning.core.edge_ablation import edge_ablation
@@ -115,7 +116,7 @@ def _split_tensors(dm: Any, split: str, batch_inputs) -> tuple[Any, torch.Tensor
         return getattr(dm, f"{split}_tensors")
     dm.setup("fit")
     parts = [(batch_inputs(b), b[1]) for b in getattr(dm, f"{split}_dataloader")()]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return nested.concat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def _subset(n: int, size: int | None, seed: int) -> torch.Tensor:
@@ -246,15 +247,14 @@ def analyze(args: argparse.Namespace) -> dict[str, Any]:
         inputs = dm.analysis_inputs(cb.split, size, seed)  # the very set the callback analysed
     else:
         inputs, _ = _split_tensors(dm, cb.split, cb.batch_inputs)
-        inputs = inputs[_subset(len(inputs), size, seed)]
-    if size is not None and size > len(inputs):
-        warnings.warn(oversize_message(size, len(inputs), f"the {cb.split} split"), stacklevel=2)
-    batches = [inputs[i : i + cb.batch_size] for i in range(0, len(inputs), cb.batch_size)]
+        inputs = nested.select(inputs, _subset(nested.batch_size(inputs), size, seed))
+    if size is not None and size > nested.batch_size(inputs):
+        warnings.warn(oversize_message(size, nested.batch_size(inputs), f"the {cb.split} split"), stacklevel=2)
+    batches = nested.split(inputs, cb.batch_size)
     val_x, val_y = _split_tensors(dm, "val", cb.batch_inputs)
     index = _subset(len(val_y), args.eval_size, seed)
-    val_x, val_y = val_x[index], val_y[index]
-    step = args.eval_batch_size
-    data = [(val_x[i : i + step], val_y[i : i + step]) for i in range(0, len(val_y), step)]
+    val_x, val_y = nested.select(val_x, index), val_y[index]
+    data = list(zip(nested.split(val_x, args.eval_batch_size), val_y.split(args.eval_batch_size)))
     done("load")
 
     bar.set_description("analyze: graphs")
@@ -267,7 +267,7 @@ def analyze(args: argparse.Namespace) -> dict[str, Any]:
 
     result: dict[str, Any] = {
         "checkpoint": os.path.abspath(args.ckpt), "config": config_path, "step": state.get("global_step"),
-        "settings": {"layers": [layer.name for layer in cb.layers], "split": cb.split, "size": len(inputs), "seed": seed,
+        "settings": {"layers": [layer.name for layer in cb.layers], "split": cb.split, "size": nested.batch_size(inputs), "seed": seed,
                      "eval_size": len(val_y), "tolerance": args.tolerance,
                      **{k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in cb.build_kwargs.items()}},
         "metrics": summary.metrics,

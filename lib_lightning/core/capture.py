@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lib_lightning.core.batch import select as _select
+
 __all__ = [
     "NodeLayer",
     "Forward",
@@ -213,14 +215,8 @@ def substituted(model: nn.Module, layer: NodeLayer, fn: Callable[[torch.Tensor],
 
 def select_examples(inputs: Any, index: slice | torch.Tensor) -> Any:
     """The examples ``index`` (a slice or index tensor over the batch dimension) of model inputs: a
-    tensor, or a tuple/list/dict of tensors, batch first; anything else is passed through."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs[index]
-    if isinstance(inputs, (list, tuple)):
-        return type(inputs)(select_examples(v, index) for v in inputs)
-    if isinstance(inputs, dict):
-        return {k: select_examples(v, index) for k, v in inputs.items()}
-    return inputs
+    tensor, or a nesting of tuples/lists/dicts/mappings (see :mod:`lib_lightning.core.batch`)."""
+    return _select(inputs, index)
 
 
 def run_section(

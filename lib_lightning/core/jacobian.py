@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lib_lightning.core.batch import batch_size as _nested_batch_size
 from lib_lightning.core.basis import LayerBasis
 from lib_lightning.core.capture import Forward, NodeLayer, capture, run_section, select_examples
 from lib_lightning.core.integration import IntegrationRule
@@ -34,18 +35,13 @@ __all__ = [
 
 
 def batch_size(inputs: Any) -> int:
-    """The number of examples in model inputs (a tensor, or a tuple/list/dict of tensors, batch first)."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs.shape[0]
-    if isinstance(inputs, (list, tuple)):
-        return batch_size(inputs[0])
-    if isinstance(inputs, dict):
-        return batch_size(next(iter(inputs.values())))
-    raise TypeError(f"cannot find the batch dimension of model inputs of type {type(inputs).__name__}")
+    """The number of examples in model inputs (a tensor, or a nesting of tuples/lists/dicts/mappings of
+    tensors, batch first); a leaf with another batch size is an error (see :mod:`lib_lightning.core.batch`)."""
+    return _nested_batch_size(inputs)
 
 
 def split_batch(inputs: Any, chunk_size: int) -> Iterator[Any]:
-    """Splits model inputs (a tensor, or a tuple/list/dict of tensors, batch first) into chunks."""
+    """Splits model inputs (a tensor or a nesting of tensors, batch first) into chunks."""
     n = batch_size(inputs)
     for start in range(0, n, chunk_size):
         yield select_examples(inputs, slice(start, start + chunk_size))

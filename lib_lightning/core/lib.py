@@ -168,7 +168,7 @@ def build_graphs(
         if stats[0] is None:
             raise ValueError("the analysis dataset is empty: no batch was given")
         stats = [s.reduce(reduce) for s in stats]
-        n_examples = int(reduce(torch.tensor(float(n_examples), dtype=torch.float64)).item())
+        n_examples = int(reduce(torch.tensor(float(n_examples), dtype=torch.float64, device=stats[0].count.device)).item())
 
         whitenings = [whiten(s, center, abs_threshold, rel_threshold) for s in stats]
         last = len(node_layers) - 1
@@ -282,7 +282,7 @@ def build_graphs(
                         pending[kind].add(c)
                 del acts, jac, g
                 report(phase, c + 1, 0)
-            count_t = reduce(torch.tensor(count, dtype=torch.float64))
+            count_t = reduce(torch.tensor(count, dtype=torch.float64, device=stats[0].count.device))  # on the model's device, for NCCL
             if "lib" in kinds:
                 m_prime = reduce(m_sum) / count_t
                 bases["lib"][sec] = lib_basis(

@@ -25,11 +25,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+
+from lib_lightning.core import batch as nested
 
 __all__ = [
     "LLCCalibration",
@@ -39,7 +42,7 @@ __all__ = [
     "estimate_llc",
 ]
 
-Batch = Sequence[torch.Tensor]
+Batch = Any  # a tuple of tensors such as (inputs, labels), or any nesting of them
 
 
 def _default_forward(model: Callable, batch: Batch) -> torch.Tensor:
@@ -91,13 +94,16 @@ def default_nbeta(n: int) -> float:
 
 
 def _check_data(data: Batch) -> int:
-    if len(data) == 0 or data[0].shape[0] == 0:
+    leaves = nested.example_leaves(data)
+    if not leaves or leaves[0][1].shape[0] == 0:
         raise ValueError("data is empty: the LLC needs at least one training example")
-    n = data[0].shape[0]
-    lengths = [t.shape[0] for t in data]
-    if any(length != n for length in lengths):
-        raise ValueError(f"data tensors must share their first dimension (examples), got lengths {lengths}")
-    return n
+    try:
+        return nested.batch_size(data, what="LLC data")
+    except ValueError as err:
+        lengths = [t.shape[0] for _, t in leaves]
+        raise ValueError(
+            f"data tensors must share their first dimension (examples), got lengths {lengths}: {err}"
+        ) from err
 
 
 def _positive(name: str, value: float | None, allow_zero: bool = False) -> None:
@@ -112,8 +118,8 @@ def _mean_loss(call, data: Batch, n: int, forward, loss_fn, eval_batch_size: int
     """L on all the data as a sum of per-chunk means times chunk sizes, divided by n at the end."""
     loss_sum = torch.zeros((), dtype=torch.float64)
     for start in range(0, n, eval_batch_size):
-        chunk = tuple(t[start : start + eval_batch_size] for t in data)
-        count = chunk[0].shape[0]
+        chunk = nested.select(data, slice(start, start + eval_batch_size))
+        count = min(eval_batch_size, n - start)
         loss_sum += loss_fn(forward(call, chunk), chunk).detach().double().cpu() * count
     return loss_sum / n
 
@@ -128,7 +134,7 @@ def _chain(model, w_star, fixed, data, n, forward, loss_fn, nbeta, epsilon, gamm
             batch = data
         else:
             idx = torch.randperm(n, generator=gen, device=gen.device)[:batch_size]
-            batch = tuple(x[idx.to(x.device)] for x in data)
+            batch = nested.select(data, idx)
         leaves = {k: v.detach().requires_grad_(True) for k, v in w.items()}
         state = {**fixed, **leaves}
         loss = loss_fn(forward(lambda *a, **kw: functional_call(model, state, a, kw), batch), batch)
@@ -172,8 +178,9 @@ def estimate_llc(
 
     Args:
         model: the module at w*. Parameters with ``requires_grad=False`` are held fixed.
-        data: tensors sharing their first dimension (examples), e.g. ``(inputs, labels)``, on the
-            module's device; minibatches are rows drawn without replacement.
+        data: tensors sharing their first dimension (examples), e.g. ``(inputs, labels)``, or any nesting
+            of tuples, lists, dicts and mappings of them (see :mod:`lib_lightning.core.batch`), on the
+            module's device; minibatches are examples drawn without replacement.
         forward: ``forward(call, batch) -> output``; ``call`` has the module's signature and runs it at
             a chain's weights. Default ``call(batch[0])``.
         loss_fn: ``loss_fn(output, batch) -> scalar``, the per-example average negative log-likelihood.

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lib_lightning.core.batch import prepare as _prepare
+
 __all__ = ["analysis_mode", "prepare_inputs"]
 
 
@@ -44,12 +46,6 @@ def analysis_mode(model: nn.Module, dtype: torch.dtype | None) -> Iterator[nn.Mo
 
 
 def prepare_inputs(inputs: Any, dtype: torch.dtype | None) -> Any:
-    """Clones inputs out of inference mode and casts floating tensors to the analysis dtype."""
-    if isinstance(inputs, torch.Tensor):
-        out = inputs.clone()
-        return out.to(dtype) if dtype is not None and out.is_floating_point() else out
-    if isinstance(inputs, (list, tuple)):
-        return type(inputs)(prepare_inputs(v, dtype) for v in inputs)
-    if isinstance(inputs, dict):
-        return {k: prepare_inputs(v, dtype) for k, v in inputs.items()}
-    return inputs
+    """Clones inputs (any nesting, see :mod:`lib_lightning.core.batch`) out of inference mode and casts
+    floating tensors to the analysis dtype."""
+    return _prepare(inputs, dtype)
