@@ -201,7 +201,7 @@ def neuron_basis(name: str, stats: ActivationStats) -> LayerBasis:
     d = stats.d
     perm = torch.cat([torch.tensor([d]), torch.arange(d)])
     basis = torch.eye(d + 1, dtype=torch.float64, device=stats.sum.device)[:, perm]
-    second_moment = (stats.gram_sum.diagonal() / stats.count)[perm]
+    second_moment = stats.second_moment().diagonal()[perm]
     evals = _sorted_eigh(stats.gram(True))[0]
     return LayerBasis(name, "neuron", basis, basis.T.clone(), second_moment, evals, True)
 
@@ -210,5 +210,5 @@ def identity_basis(name: str, stats: ActivationStats, pca_eigenvalues: torch.Ten
     """An unrotated final layer (e.g. logits): f̂ = f, no constant direction."""
     d = stats.d
     eye = torch.eye(d + 1, d, dtype=torch.float64, device=stats.sum.device)
-    second_moment = stats.gram_sum.diagonal()[:d] / stats.count
+    second_moment = stats.second_moment().diagonal()[:d]
     return LayerBasis(name, "identity", eye, eye.T.clone(), second_moment, pca_eigenvalues, False)

@@ -40,7 +40,7 @@ from lib_lightning.core.jacobian import (
     project,
 )
 from lib_lightning.core.modes import analysis_mode, prepare_inputs
-from lib_lightning.core.stats import ActivationStats, stats_update
+from lib_lightning.core.stats import ActivationStats, shared_shift, stats_update
 
 __all__ = ["build_graphs", "KINDS"]
 
@@ -160,7 +160,10 @@ def build_graphs(
             for i, a in enumerate(acts):
                 if not torch.isfinite(a).all():
                     raise ValueError(f"activations of node layer {names[i]!r} contain NaN or Inf (batch {b})")
-                part = stats_update(a)
+            if b == 0:  # sums about a shift near the mean: no cancellation (stats.py); one collective
+                shifts = [shared_shift(a, reduce) for a in acts]
+            for i, a in enumerate(acts):
+                part = stats_update(a, shifts[i])
                 stats[i] = part if stats[i] is None else stats[i] + part
             n_examples += acts[0].shape[0]
             positions = [a.shape[1] for a in acts]
