@@ -173,7 +173,7 @@ def build_graphs(
         stats = [s.reduce(reduce) for s in stats]
         n_examples = int(reduce(torch.tensor(float(n_examples), dtype=torch.float64)).item())
 
-        whitenings = [whiten(s, center, abs_threshold, rel_threshold) for s in stats]
+        whitenings = [whiten(s, center, abs_threshold, rel_threshold, name) for s, name in zip(stats, names)]
         last = len(node_layers) - 1
         final = (
             pca_basis(names[last], whitenings[last])

@@ -52,18 +52,25 @@ class SummaryOptions:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """What the next analysis compares against: feature directions, Λ spectra and communities."""
+    """What the next analysis compares against: feature directions, Λ spectra and communities.
+
+    ``constant[name]`` says whether feature 0 of that layer is the constant direction (absent: true,
+    as every snapshot written before the flag existed was centred).
+    """
 
     directions: dict[str, torch.Tensor]
     lambdas: dict[str, torch.Tensor]
     membership: dict[str, torch.Tensor] = field(default_factory=dict)
+    constant: dict[str, bool] = field(default_factory=dict)
 
     def to_state(self) -> dict:
-        return {"directions": self.directions, "lambdas": self.lambdas, "membership": self.membership}
+        return {"directions": self.directions, "lambdas": self.lambdas, "membership": self.membership,
+                "constant": self.constant}
 
     @classmethod
     def from_state(cls, state: Mapping) -> Snapshot:
-        return cls(dict(state["directions"]), dict(state["lambdas"]), dict(state.get("membership", {})))
+        return cls(dict(state["directions"]), dict(state["lambdas"]), dict(state.get("membership", {})),
+                   dict(state.get("constant", {})))
 
 
 @dataclass(frozen=True)
@@ -93,9 +100,9 @@ def spectrum(layer: LayerBasis) -> torch.Tensor:
 
 
 def _modularity_layers(graph: InteractionGraph) -> tuple[list[torch.Tensor], list[int]]:
-    """Edges and layer indices of the modularity graph: every layer with a constant direction (the
-    spec's non-output node layers); an unrotated final layer (the logits) is left out."""
-    keep = [i for i, layer in enumerate(graph.layers) if layer.has_constant]
+    """Edges and layer indices of the modularity graph: every layer but an unrotated final one (the
+    logits, the spec's output node layer), centred or not."""
+    keep = [i for i, layer in enumerate(graph.layers) if layer.kind != "identity"]
     edges = [graph.edges[i] for i in keep if i + 1 in keep]
     return edges, keep
 
@@ -120,7 +127,7 @@ def summarise(
     names = short_names(any_graph.layer_names)
     for kind, graph in graphs.items():
         for name, layer in zip(names, graph.layers):
-            if layer.kind == "identity":
+            if layer.kind != kind:  # an unrotated final layer, or the PCA-rotated final layer of a LIB graph
                 continue
             stats = spectrum_stats(spectrum(layer), abs_threshold=options.abs_threshold, rel_threshold=options.rel_threshold)
             prefix = f"{kind}/{name}"
@@ -133,18 +140,15 @@ def summarise(
             if kind == "lib":
                 variances = layer.pca_eigenvalues[1:] if layer.has_constant else layer.pca_eigenvalues
                 metrics[f"{prefix}/gram_rank_deficit"] = gram_rank_deficit(variances, options.abs_threshold)
-                grad = gradient_degeneracy(variances, spectrum(layer), options.abs_threshold, options.rel_threshold)
-                metrics[f"{prefix}/grad_degenerate_abs"] = grad.n_abs
-                metrics[f"{prefix}/grad_degenerate_rel"] = grad.n_rel
+                grad = gradient_degeneracy(variances, spectrum(layer), options.rel_threshold)
+                metrics[f"{prefix}/grad_degenerate_rel"] = grad.n
 
     if options.sparsity:
         for sec in range(len(names) - 1):
             tag = f"edges/{names[sec]}->{names[sec + 1]}"
             for kind, graph in graphs.items():
-                edges = graph.edges[sec]
-                if not graph.layers[sec + 1].has_constant:  # pad a row so that dropping row 0 drops nothing real
-                    edges = torch.cat([torch.zeros_like(edges[:1]), edges])
-                stats = edge_sparsity(edges, fractions=options.fractions).to_dict()
+                constant = (graph.layers[sec + 1].has_constant, graph.layers[sec].has_constant)
+                stats = edge_sparsity(graph.edges[sec], exclude_constant=constant, fractions=options.fractions).to_dict()
                 for key in ("n_90", "n_99", "frac_90", "frac_99", "gini"):
                     if key in stats:
                         metrics[f"{tag}/{kind}_{key.replace('_', '')}"] = stats[key]
@@ -157,7 +161,9 @@ def summarise(
         edges, keep = _modularity_layers(lib)
         if edges:
             nx_graph = interaction_graph(
-                edges, [names[i] for i in keep], weighting=options.weighting, log_cutoff_fraction=options.log_cutoff_fraction
+                edges, [names[i] for i in keep], weighting=options.weighting,
+                log_cutoff_fraction=options.log_cutoff_fraction,
+                exclude_constant=[lib.layers[i].has_constant for i in keep],
             )
             communities = find_communities(nx_graph, method=options.method, resolution=options.resolution, seed=options.seed)
             metrics["graph/modularity"] = communities.modularity
@@ -171,11 +177,13 @@ def summarise(
                         labels[feature] = c
                 membership[names[i]] = labels
 
-    lib_or_first = graphs.get("lib", any_graph)
+    tracked = graphs.get("lib", any_graph)  # the basis whose evolution is followed, logged under its kind
+    own = [(n, layer) for n, layer in zip(names, tracked.layers) if layer.kind == tracked.kind]
     snapshot = Snapshot(
-        directions={n: layer.directions() for n, layer in zip(names, lib_or_first.layers) if layer.kind != "identity"},
-        lambdas={n: spectrum(layer) for n, layer in zip(names, lib_or_first.layers) if layer.kind != "identity"},
+        directions={n: layer.directions() for n, layer in own},
+        lambdas={n: spectrum(layer) for n, layer in own},
         membership=membership,
+        constant={n: layer.has_constant for n, layer in own},
     )
     if options.evolution and previous is not None:
         feature_maps = {}
@@ -183,11 +191,12 @@ def summarise(
             if name not in previous.directions:
                 continue
             prev = previous.directions[name]
-            start = 1 if dirs.shape[0] > 1 else 0  # compare non-constant features
-            k = min(options.overlap_k, dirs.shape[0] - start, prev.shape[0] - start)
+            # compare the non-constant features (an uncentred layer's feature 0 is a real one)
+            start, prev_start = int(snapshot.constant[name]), int(previous.constant.get(name, True))
+            k = min(options.overlap_k, dirs.shape[0] - start, prev.shape[0] - prev_start)
             if k > 0:
-                metrics[f"lib/{name}/subspace_overlap"] = subspace_overlap(prev[start:], dirs[start:], k)
-            metrics[f"lib/{name}/spectrum_change"] = spectrum_distance(previous.lambdas[name], snapshot.lambdas[name])
+                metrics[f"{tracked.kind}/{name}/subspace_overlap"] = subspace_overlap(prev[prev_start:], dirs[start:], k)
+            metrics[f"{tracked.kind}/{name}/spectrum_change"] = spectrum_distance(previous.lambdas[name], snapshot.lambdas[name])
             feature_maps[name] = match_features(prev, dirs)
         if membership and previous.membership:
             ari = community_stability(_nodes(previous.membership), _nodes(membership), feature_maps)
