@@ -40,7 +40,7 @@ from lib_lightning.core.jacobian import (
     project,
 )
 from lib_lightning.core.modes import analysis_mode, prepare_inputs
-from lib_lightning.core.stats import ActivationStats, shared_shift, stats_update
+from lib_lightning.core.stats import ActivationStats, mean_update, shift_of, stats_update
 
 __all__ = ["build_graphs", "KINDS"]
 
@@ -64,6 +64,22 @@ def _validate(kinds, chunk_size, cache_bytes, edge_point, batches) -> list[Any]:
     if iter(batches) is batches:
         raise TypeError("batches must be re-iterable (a list or a DataLoader), not a one-shot iterator")
     return batches
+
+
+def _mean_sums(model: nn.Module, node_layers: list[NodeLayer], batches: Iterable[Any], dtype, forward: Forward) -> list[torch.Tensor]:
+    """Per node layer, the partial (Σ f, N P) of this process's batches: the shift of the statistics."""
+    sums: list[torch.Tensor] | None = None
+    for b, inputs in enumerate(batches):
+        with torch.no_grad():
+            acts = capture(model, node_layers, prepare_inputs(inputs, dtype), forward)
+        for layer, a in zip(node_layers, acts):
+            if not torch.isfinite(a).all():
+                raise ValueError(f"activations of node layer {layer.name!r} contain NaN or Inf (batch {b})")
+        parts = [mean_update(a) for a in acts]
+        sums = parts if sums is None else [s + p for s, p in zip(sums, parts)]
+    if sums is None:
+        raise ValueError("the analysis dataset is empty: no batch was given")
+    return sums
 
 
 def build_graphs(
@@ -145,7 +161,8 @@ def build_graphs(
     n_batches = len(batches) if hasattr(batches, "__len__") else 0
     names = [layer.name for layer in node_layers]
     with torch.inference_mode(False), analysis_mode(model, dtype):
-        # One pass: means and Gram matrices of every node layer.
+        # Two passes: the means, then the Gram matrices as sums about them (no cancellation, stats.py).
+        shifts = [shift_of(reduce(part)) for part in _mean_sums(model, node_layers, batches, dtype, forward)]
         stats: list[ActivationStats | None] = [None] * len(node_layers)
         n_examples, positions = 0, []
         for b, inputs in enumerate(batches):
@@ -158,18 +175,11 @@ def build_graphs(
             with torch.no_grad():
                 acts = capture(model, node_layers, inputs, forward)
             for i, a in enumerate(acts):
-                if not torch.isfinite(a).all():
-                    raise ValueError(f"activations of node layer {names[i]!r} contain NaN or Inf (batch {b})")
-            if b == 0:  # sums about a shift near the mean: no cancellation (stats.py); one collective
-                shifts = [shared_shift(a, reduce) for a in acts]
-            for i, a in enumerate(acts):
                 part = stats_update(a, shifts[i])
                 stats[i] = part if stats[i] is None else stats[i] + part
             n_examples += acts[0].shape[0]
             positions = [a.shape[1] for a in acts]
             report("statistics", b + 1, n_batches)
-        if stats[0] is None:
-            raise ValueError("the analysis dataset is empty: no batch was given")
         stats = [s.reduce(reduce) for s in stats]
         n_examples = int(reduce(torch.tensor(float(n_examples), dtype=torch.float64)).item())
 

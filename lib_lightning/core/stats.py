@@ -12,11 +12,12 @@ from a **shift** s, fixed before the first sum and the same for every partial:
     sum = Σ (f − s),   gram_sum = Σ (f − s)ᵀ(f − s),   count = N P,
 
 and the covariance is gram_sum/n − m mᵀ with m = sum/n = μ − s, which loses only ~ε·|μ − s|² instead
-of ε·|μ|². Any s close to μ (within the spread of the data) makes this as accurate as a two-pass
-algorithm. Partials with the same shift merge by plain addition, so batches, processes and resumes
-still combine exactly, and DDP needs nothing but sum-reductions: :func:`shared_shift` takes s as the
-mean of the first batch of every process, itself a sum of sums divided by a sum of counts, so one
-sum-reduction gives every rank the same s (no broadcast, no rank-dependent code). Adding partials
+of ε·|μ|². The shift is the dataset mean itself, from a first, cheaper pass (the classic two-pass
+algorithm): :func:`mean_update` gives (Σ f, N P) per batch, these partials are summed over batches and
+sum-reduced over processes like every other sum, and :func:`shift_of` divides. So every rank gets the
+same s with nothing but the sum-reduction DDP already uses, and s does not depend on how the data is
+batched or sharded (a shift taken from the first batch would, which makes sharded and unsharded
+results differ in rounding). Partials with the same shift merge by plain addition; adding partials
 with different shifts is an error rather than a silent re-shift.
 """
 
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ActivationStats", "stats_update", "shared_shift", "centring_matrices", "augment"]
+__all__ = ["ActivationStats", "stats_update", "mean_update", "shift_of", "centring_matrices", "augment"]
 
 
 def augment(acts: torch.Tensor) -> torch.Tensor:
@@ -106,16 +107,16 @@ def _rows(acts: torch.Tensor) -> torch.Tensor:
     return acts.detach().to(torch.float64).reshape(-1, acts.shape[-1])
 
 
-def shared_shift(first_acts: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """``(d,)`` the shift s: the mean of the first batch of every process, via one sum-reduction.
+def mean_update(acts: torch.Tensor) -> torch.Tensor:
+    """``(d + 1,)`` partial (Σ f, N P) of one batch ``(batch, pos, d)``, in float64, for the shift."""
+    rows = _rows(acts)  # (batch * pos, d)
+    count = torch.tensor([float(rows.shape[0])], dtype=torch.float64, device=rows.device)
+    return torch.cat([rows.sum(0), count])
 
-    s = reduce(Σ_first f) / reduce(count_first). Every rank must call it (it is a collective under DDP).
-    """
-    rows = _rows(first_acts)  # (batch * pos, d)
-    reduce = reduce or (lambda t: t)
-    both = torch.cat([rows.sum(0), torch.tensor([float(rows.shape[0])], dtype=torch.float64, device=rows.device)])
-    both = reduce(both)  # one collective for sum and count
-    return both[:-1] / both[-1]
+
+def shift_of(mean_sum: torch.Tensor) -> torch.Tensor:
+    """``(d,)`` the shift s = Σ f / (N P) from the summed (and reduced) :func:`mean_update` partials."""
+    return mean_sum[:-1] / mean_sum[-1]
 
 
 def stats_update(acts: torch.Tensor, shift: torch.Tensor | None = None) -> ActivationStats:
@@ -123,8 +124,8 @@ def stats_update(acts: torch.Tensor, shift: torch.Tensor | None = None) -> Activ
 
     Args:
         acts: ``(batch, pos, d)`` activations.
-        shift: ``(d,)`` the shared shift s (see :func:`shared_shift`); default zero, which is exact only
-            for data with a mean small against its spread.
+        shift: ``(d,)`` the shift s shared by every partial (see :func:`shift_of`); default zero, which
+            is accurate only for data whose mean is small against its spread.
 
     Raises:
         ValueError: on NaN or Inf, a batch that is not ``(batch, pos, d)``, or a shift of another width.

@@ -7,7 +7,7 @@ import torch
 
 from lib_lightning.core.basis import whiten
 from lib_lightning.core.lib import build_graphs
-from lib_lightning.core.stats import shared_shift, stats_update
+from lib_lightning.core.stats import mean_update, shift_of, stats_update
 from lib_lightning.core.summary import SummaryOptions, summarise
 from tests.core.models import MLP
 from tests.core.test_lib import LAYERS, _two_process_graphs
@@ -54,21 +54,16 @@ def test_sharded_shifted_sums_equal_one_process_at_a_large_offset():
                 torch.testing.assert_close(a.pca_eigenvalues, b.pca_eigenvalues, rtol=1e-9, atol=1e-9)
 
 
-def _first_batch_partial(first: torch.Tensor) -> torch.Tensor:
-    """What a rank contributes to the shift's reduction: (Σ f, count) of its first batch."""
-    rows = first.reshape(-1, first.shape[-1])
-    return torch.cat([rows.sum(0), torch.tensor([float(rows.shape[0])], dtype=torch.float64)])
-
-
-def test_shared_shift_is_the_mean_of_the_first_batches_and_merged_sums_match_one_batch():
+def test_the_shift_is_the_dataset_mean_however_batched_and_merged_sums_match_one_batch():
     x = low_rank(1e4, n=60)[:, None, :]  # (60, 1, 3)
-    firsts = [x[:10], x[25:35]]  # the first batch of each of two ranks
-    # a sum-reduction across the two ranks: each adds the other's partial
-    shifts = [shared_shift(firsts[r], lambda t, r=r: t + _first_batch_partial(firsts[1 - r])) for r in range(2)]
-    torch.testing.assert_close(shifts[0], shifts[1], rtol=0, atol=0)
-    torch.testing.assert_close(shifts[0], torch.cat(firsts).mean((0, 1)), rtol=1e-15, atol=0)
-    merged = stats_update(x[:25], shifts[0]) + stats_update(x[25:], shifts[0])
-    whole = stats_update(x, x.mean((0, 1)))
+    one = shift_of(mean_update(x))
+    torch.testing.assert_close(one, x.mean((0, 1)), rtol=1e-15, atol=0)
+    # two "ranks" with two and one batches: their partials, sum-reduced, give the same shift
+    partials = [mean_update(x[:10]) + mean_update(x[10:25]), mean_update(x[25:])]
+    sharded = shift_of(partials[0] + partials[1])
+    torch.testing.assert_close(sharded, one, rtol=1e-15, atol=0)
+    merged = stats_update(x[:25], sharded) + stats_update(x[25:], sharded)
+    whole = stats_update(x, one)
     torch.testing.assert_close(merged.mean, whole.mean, rtol=1e-15, atol=0)
     torch.testing.assert_close(merged.covariance(), whole.covariance(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(whiten(merged).all_eigenvalues, whiten(whole).all_eigenvalues, rtol=1e-10, atol=1e-13)
