@@ -161,6 +161,7 @@ class LIBAnalysis(Callback):
         self.history: list[dict[str, Any]] = []
         self.snapshot: Snapshot | None = None
         self.skipped = 0
+        self.metric_errors = 0
         self._planned: list[int] = []
         self._inputs: Any = None
         self._warned_images = False
@@ -178,6 +179,7 @@ class LIBAnalysis(Callback):
             "history": self.history,
             "snapshot": self.snapshot.to_state() if self.snapshot is not None else None,
             "skipped": self.skipped,
+            "metric_errors": self.metric_errors,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -185,6 +187,7 @@ class LIBAnalysis(Callback):
         snapshot = state_dict.get("snapshot")
         self.snapshot = Snapshot.from_state(snapshot) if snapshot else None
         self.skipped = int(state_dict.get("skipped", 0))
+        self.metric_errors = int(state_dict.get("metric_errors", 0))
 
     @property
     def analysed_steps(self) -> list[int]:
@@ -303,11 +306,13 @@ class LIBAnalysis(Callback):
             **self.build_kwargs,
         )
         built = time.perf_counter()
-        summary = summarise(graphs, self.options, self.snapshot)
+        summary = summarise(graphs, self.options, self.snapshot, strict=False)  # a metric never aborts training
         metrics = dict(summary.metrics)
+        self._report_errors(summary.errors, step)
         metrics.update(self._relu_metrics(pl_module, batches, index, reduce))
         summarised = time.perf_counter()
         metrics["lib/skipped"] = float(self.skipped)
+        metrics["lib/metric_errors"] = float(self.metric_errors)
         metrics["lib/time/build_s"] = built - start
         metrics.update(phases)
         metrics["lib/time/summary_s"] = summarised - built
@@ -320,6 +325,14 @@ class LIBAnalysis(Callback):
                 self._save(folder, graphs, metrics, step)
         self.history[-1]["seconds"] = time.perf_counter() - start
         rank_zero_info(self._one_line(step, metrics, self.history[-1]["seconds"]))
+
+    def _report_errors(self, errors: dict[str, str], step: int) -> None:
+        """Counts the metrics that failed (``lib/metric_errors``, cumulative, like ``lib/skipped``) and warns."""
+        if not errors:
+            return
+        self.metric_errors += len(errors)
+        listed = "; ".join(f"{name}: {message}" for name, message in errors.items())
+        rank_zero_warn(f"LIB analysis at step {step}: {len(errors)} metric(s) failed and were skipped ({listed})")
 
     @property
     def _names(self) -> list[str]:

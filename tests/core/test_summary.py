@@ -9,7 +9,7 @@ from lib_lightning.core.basis import neuron_basis
 from lib_lightning.core.evolution import subspace_overlap
 from lib_lightning.core.lib import build_graphs
 from lib_lightning.core.sparsity import n_to_hold
-from lib_lightning.core.stats import shared_shift, stats_update
+from lib_lightning.core.stats import mean_update, shift_of, stats_update
 from lib_lightning.core.summary import SummaryOptions, summarise
 from tests.core.models import MLP, mlp_inputs
 
@@ -65,9 +65,23 @@ def test_rotated_final_layer_is_logged_as_pca_only_and_overlaps_under_the_tracke
 
 def test_neuron_basis_stores_pca_eigenvalues_constant_first():
     x = mlp_inputs(n=64)[:, None, :] * torch.tensor([3.0, 0.2, 1.5, 0.1], dtype=torch.float64)  # variances around 1
-    stats = stats_update(x, shared_shift(x))
+    stats = stats_update(x, shift_of(mean_update(x)))
     evals = neuron_basis("inp", stats).pca_eigenvalues
     cov = torch.cov(x[:, 0].T, correction=0)
     expected = torch.linalg.eigvalsh(cov).flip(0)
     assert expected[0] > 1 > expected[-1]  # the constant's 1 would sort into the middle
     torch.testing.assert_close(evals, torch.cat([torch.ones(1, dtype=torch.float64), expected]), rtol=1e-12, atol=1e-14)
+
+
+def test_non_strict_summary_skips_a_failing_metric_and_keeps_the_others(uncentred, monkeypatch):
+    def broken(*args, **kwargs):
+        raise FloatingPointError("sparsity broke")
+
+    monkeypatch.setattr("lib_lightning.core.summary.edge_sparsity", broken)
+    with pytest.raises(FloatingPointError, match="sparsity broke"):
+        summarise(uncentred[0])
+    summary = summarise(uncentred[0], strict=False)
+    assert set(summary.errors) == {f"edges/{t}/{k}" for t in ("inp->h0", "h0->h1", "h1->out") for k in ("lib", "pca")}
+    assert summary.errors["edges/h0->h1/pca"] == "FloatingPointError: sparsity broke"
+    assert "graph/modularity" in summary.metrics and "lib/h0/dim_rel" in summary.metrics
+    assert not [k for k in summary.metrics if k.startswith("edges/")]
