@@ -528,3 +528,29 @@ def test_position_sources_are_seeded_per_chunk_and_recomputed_chunks_agree():
     assert ((lam - lam_exact).abs() / lam_exact).max() < 0.5
     with pytest.raises(ValueError, match="position_sources must be None or >= 1, got 0"):
         build_graphs(model, ["inp", "hid", "out"], [x], position_sources=0)
+
+
+def test_float32_reconstruction_edges_reuse_jacobians_when_only_rounding_is_dropped(monkeypatch):
+    """reuse_rtol scales with the dtype (issue 11, item 5): in float32 the null direction of rank-3
+    inputs holds only rounding, so f C C⁺ differs from f by ~1e-8 relative, not a different point; with
+    a fixed 1e-10 the tanh section's VJPs there (different by float32 rounding) forced recomputation."""
+    import lib_lightning.core.lib as lib_module
+
+    model, x = MLP(seed=8, act=nn.Tanh), mlp_inputs()
+    x[:, 3] = x[:, 0] - 0.5 * x[:, 1]  # (300, 4) of rank 3
+    calls, real = [], lib_module.integrated_jacobian
+
+    def spy(model_, layer_in, layer_out, inputs, *args, **kwargs):
+        calls.append((layer_in.name, inputs.shape[0]))
+        return real(model_, layer_in, layer_out, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(lib_module, "integrated_jacobian", spy)
+    kwargs = dict(kinds=("lib",), abs_threshold=1e-8, edge_point="reconstruction", chunk_size=len(x))
+    lib = build_graphs(model, LAYERS, [x], dtype=torch.float32, **kwargs)["lib"]
+    assert lib.dims[0] == 4  # the constant and three directions: the rounding-only one is dropped
+    assert calls == [("h1", len(x)), ("h0", len(x)), ("inp", len(x))]  # no recomputation (14 examples before)
+    ref = build_graphs(model, LAYERS, [x], **kwargs)["lib"]
+    for a, b in zip(ref.edges, lib.edges):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5 * float(a.max()))
+    assert lib_module.default_reuse_rtol(torch.float64) == 1e-10
+    assert lib_module.default_reuse_rtol(torch.float32) == pytest.approx(1.19e-4, rel=1e-2)
