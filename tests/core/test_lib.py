@@ -295,7 +295,7 @@ def test_output_constant_receives_no_edges_t15_analogue(mlp_setup):
             assert e[0].abs().max() == 0
 
 
-def _two_process_graphs(models, shards, **kwargs):
+def _two_process_graphs(models, shards, layers=LAYERS, **kwargs):
     """Runs build_graphs on two shards in lockstep threads whose reduce is an all-reduce (sum)."""
     barrier = threading.Barrier(2)
     slots: list = [None, None]
@@ -309,7 +309,7 @@ def _two_process_graphs(models, shards, **kwargs):
         return total
 
     def run(rank: int) -> None:
-        results[rank] = build_graphs(models[rank], LAYERS, shards[rank], reduce=lambda t: all_reduce(rank, t), **kwargs)
+        results[rank] = build_graphs(models[rank], layers, shards[rank], reduce=lambda t: all_reduce(rank, t), **kwargs)
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
     for th in threads:
