@@ -114,10 +114,10 @@ class RandomNet(nn.Module):
 
 
 @st.composite
-def architectures(draw, kinds=("mlp", "attn", "conv"), acts=tuple(ACTS), bias=None, max_sections=3, pos=None):
+def architectures(draw, kinds=("mlp", "attn", "conv"), acts=tuple(ACTS), bias=None, max_sections=3, pos=None, min_sections=1):
     n_pos = draw(st.integers(1, 4)) if pos is None else pos
     sections, p = [], n_pos
-    for _ in range(draw(st.integers(1, max_sections))):
+    for _ in range(draw(st.integers(min_sections, max_sections))):
         allowed = [k for k in kinds if (k != "attn" or p <= 3) and (k != "conv" or p >= 2)]
         kind = draw(st.sampled_from(allowed or ["mlp"]))
         last_only = kind == "attn" and p > 1 and draw(st.booleans())
@@ -336,11 +336,10 @@ def test_bias_free_relu_rules_agree_and_attributions_sum_to_the_output(arch, dat
 
 
 @_settings(3)
-@given(arch=architectures(kinds=("mlp", "conv")), data=st.data())
+@given(arch=architectures(kinds=("mlp", "conv"), min_sections=2), data=st.data())
 def test_affine_reparametrisation_of_a_hidden_layer_leaves_lib_unchanged(arch, data):
     """T10: f ↦ f T + c at hidden node layer 1 (undone in the next section) leaves Λ and E unchanged,
     except the constant's Λ₀ and edges, which measure the mean direction μ (moved by c; §11)."""
-    assume(len(arch.sections) >= 2)
     model, x = RandomNet(arch), inputs(arch)
     d = arch.sections[0].d_out
     gen = torch.Generator().manual_seed(arch.seed + 2)
@@ -404,3 +403,41 @@ def test_float32_analysis_is_within_tolerance_of_float64(arch, data):
 def test_many_random_architectures(arch, data):
     """The first property on many more (random) draws: ``pytest -m slow``."""
     test_bases_and_edges_match_jacrev_and_the_spec_invariants.hypothesis.inner_test(arch, data)
+
+
+@_settings(2)
+@given(d=st.integers(2, 4), depth=st.integers(1, 3), pos=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_invertible_linear_chain_aligns_every_layer_with_the_output_spectrum(d, depth, pos, seed):
+    """T6: bias-free invertible linear layers, uncentred, final layer rotated to PCA: Λ is the same at
+    every layer (the output's covariance spectrum) and each E pairs each input feature with one output
+    feature, E_jj = Λ_j. Without bias folding (§11) the constant coordinate has no Jacobian, so the data
+    are antithetic (x and −x): zero mean keeps the constant out of the PCA directions."""
+    arch = Arch(d, pos, tuple(Section("mlp", d, "none", False) for _ in range(depth)), seed, 16, 1.0, 0.0)
+    model, half = RandomNet(arch), inputs(arch)
+    x = torch.cat([half, -half])
+    graph = build_graphs(model, arch.layers, [x], kinds=("lib",), center=False, rotate_final=True)["lib"]
+    out = node_acts(model, x)[-1].reshape(-1, d)
+    expected = torch.linalg.eigvalsh(out.T @ out / out.shape[0]).flip(0)  # (d,) descending
+    for layer in graph.layers[:-1]:
+        close(layer.lambdas, expected, 1e-8, 1e-10)
+    for edges, layer in zip(graph.edges, graph.layers[:-1]):
+        strong = edges > 1e-9 * edges.max()
+        assert (strong.sum(0) == 1).all() and (strong.sum(1) <= 1).all()  # one partner per feature
+        close(edges.sum(0), layer.lambdas, 1e-8, 1e-10)
+
+
+@_settings(2)
+@given(arch=architectures(kinds=("mlp",), acts=("relu", "tanh", "gelu"), min_sections=2, max_sections=2), neuron=st.integers(0, 4))
+def test_a_neuron_the_next_layer_ignores_drops_one_lib_dimension_but_no_pca_one(arch, neuron):
+    """T9 (centred): zero the next layer's weights from one hidden neuron with variance: the LIB dimension
+    of that layer drops by exactly 1 and the PCA dimension does not change."""
+    model, x = RandomNet(arch), inputs(arch)
+    neuron = neuron % arch.sections[0].d_out
+    before = build_graphs(model, arch.layers, [x], kinds=("lib", "pca"), rel_threshold=1e-9)
+    hidden = node_acts(model, x)[1][..., neuron]
+    assume(float(hidden.var()) > 1e-6 and before["lib"].dims[1] == before["pca"].dims[1])
+    with torch.no_grad():
+        model.blocks[1].lin.weight[:, neuron] = 0.0
+    after = build_graphs(model, arch.layers, [x], kinds=("lib", "pca"), rel_threshold=1e-9)
+    assert after["lib"].dims[1] == before["lib"].dims[1] - 1
+    assert after["pca"].dims[1] == before["pca"].dims[1]
