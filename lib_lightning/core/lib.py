@@ -1,6 +1,7 @@
 """Build LIB, PCA and neuron interaction graphs of any model from module names (spec §2–§4).
 
-Order of work: one pass over the data for the means and Gram matrices of every node layer; then, from
+Order of work: two forward passes over the data for the means, then the Gram matrices about them, of
+every node layer (stats.py: no cancellation for large means); then, from
 the last section backwards, one pass per section for its integrated Jacobians. Their rows are taken in
 the next layer's basis when every requested kind shares it (LIB alone, or the final layer), so there is
 one VJP per kept feature; otherwise in neurons, projected onto each kind's basis. Each Jacobian chunk
