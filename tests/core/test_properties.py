@@ -24,6 +24,9 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.func import jacrev, vmap
 
+from lib_lightning.core.capture import NodeLayer
+from lib_lightning.core.integration import integration_rule
+from lib_lightning.core.jacobian import edge_attributions, integrated_jacobian
 from lib_lightning.core.lib import build_graphs
 from tests.core.test_lib import _two_process_graphs
 
@@ -318,7 +321,9 @@ def test_uncentred_lambdas_are_eigenvalues_of_g_m_prime_and_final_rotation_chang
 @given(arch=architectures(kinds=("mlp",), acts=("relu",), bias=False), data=st.data())
 def test_bias_free_relu_rules_agree_and_attributions_sum_to_the_output(arch, data):
     """T7: a 1-homogeneous section (bias-free ReLU MLP; without bias folding, §11, only bias-free
-    networks are homogeneous) gives the same Λ and E under every rule; T13: one position source is
+    networks are homogeneous) gives the same Λ and E under every rule; T8: there the attributions sum
+    to the output, Σ_j A_{t,i,j}(x) = ĥ_{t,i}(f̂(x)), up to the directions truncation drops (Λ < 1e-12,
+    so |J v| ≲ 1e-6 of the scale); T13: one position source is
     exact when the output has one position (every section here keeps the input's positions, so
     only pos = 1 draws check it)."""
     model, x = RandomNet(arch), inputs(arch)
@@ -333,6 +338,15 @@ def test_bias_free_relu_rules_agree_and_attributions_sum_to_the_output(arch, dat
             close(b.lambdas, a.lambdas, 1e-8, 1e-10)
         for a, b in zip(ref.edges, other.edges):
             close(b, a, 1e-7, 1e-9)
+    acts = node_acts(model, x)
+    for sec in range(len(model.blocks)):
+        layer_in, layer_out = (NodeLayer(arch.layers[i]) for i in (sec, sec + 1))
+        f, g = integrated_jacobian(
+            model, layer_in, layer_out, x, integration_rule("gradient"), lambda m, i: m(i), out_basis=ref.layers[sec + 1]
+        )
+        a = edge_attributions(f, g, ref.layers[sec])  # (N, P_out, k_out, k_in)
+        h_hat = acts[sec + 1] @ ref.layers[sec + 1].basis[:-1]  # the constant row carries no attribution
+        close(a.sum(-1), h_hat, 1e-7, 1e-6)
 
 
 @_settings(3)
