@@ -554,3 +554,18 @@ def test_float32_reconstruction_edges_reuse_jacobians_when_only_rounding_is_drop
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5 * float(a.max()))
     assert lib_module.default_reuse_rtol(torch.float64) == 1e-10
     assert lib_module.default_reuse_rtol(torch.float32) == pytest.approx(1.19e-4, rel=1e-2)
+
+
+def test_a_layer_that_keeps_no_feature_gives_empty_edges_not_an_error():
+    """Uncentred, a layer whose downstream ignores it has no LIB feature at all (no constant is kept):
+    its edges are (k_out, 0) and (0, k_in) matrices (found by the property tests: a reshape of 0 elements)."""
+    model, x = MLP(), mlp_inputs(n=40)
+    with torch.no_grad():
+        model.l2.weight.zero_()  # the output ignores h1, hence everything before it
+    lib = build_graphs(model, LAYERS, [x], kinds=("lib",), center=False)["lib"]
+    assert lib.dims == [0, 0, 0, 3]
+    assert [tuple(e.shape) for e in lib.edges] == [(0, 0), (0, 0), (3, 0)]
+    from lib_lightning.core.summary import summarise
+
+    metrics = summarise({"lib": lib}).metrics
+    assert metrics["lib/h1/dim_abs"] == 0 and metrics["edges/h1->out/lib_n99"] == 0
