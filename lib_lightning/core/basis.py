@@ -147,7 +147,11 @@ def _sorted_eigh(
 
 
 def whiten(
-    stats: ActivationStats, center: bool = True, abs_threshold: float = 1e-12, rel_threshold: float = 0.0, name: str = ""
+    stats: ActivationStats,
+    center: bool = True,
+    abs_threshold: float = 1e-12,
+    rel_threshold: float = 0.0,
+    name: str = "",
 ) -> Whitening:
     """Step 1: eigendecompose the Gram matrix and keep directions with variance above the thresholds.
 

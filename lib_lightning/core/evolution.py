@@ -62,7 +62,9 @@ def _orthonormal_rows(rows: torch.Tensor, name: str, rank_rtol: float) -> torch.
     q, r = torch.linalg.qr((rows / norms[:, None]).T)  # (d, k), (k, k)
     diag = r.diagonal().abs()
     if bool((diag <= rank_rtol).any()):
-        raise ValueError(f"{name}: the top-{k} rows are linearly dependent (|diag R| of the unit rows = {diag.tolist()})")
+        raise ValueError(
+            f"{name}: the top-{k} rows are linearly dependent (|diag R| of the unit rows = {diag.tolist()})"
+        )
     return q
 
 

@@ -77,7 +77,9 @@ def default_reuse_rtol(dtype: torch.dtype) -> float:
     return max(1e-10, 1e3 * torch.finfo(dtype).eps)
 
 
-def _mean_sums(model: nn.Module, node_layers: list[NodeLayer], batches: Iterable[Any], dtype, forward: Forward) -> list[torch.Tensor]:
+def _mean_sums(
+    model: nn.Module, node_layers: list[NodeLayer], batches: Iterable[Any], dtype: torch.dtype | None, forward: Forward
+) -> list[torch.Tensor]:
     """Per node layer, the partial (Σ f, N P) of this process's batches: the shift of the statistics."""
     sums: list[torch.Tensor] | None = None
     for b, inputs in enumerate(batches):

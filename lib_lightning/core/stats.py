@@ -55,7 +55,8 @@ class ActivationStats:
     def __add__(self, other: ActivationStats) -> ActivationStats:
         if not torch.equal(self.shift, other.shift):
             raise ValueError("cannot add activation statistics taken about different shifts; use one shift for all")
-        return ActivationStats(self.sum + other.sum, self.gram_sum + other.gram_sum, self.count + other.count, self.shift)
+        total = (self.sum + other.sum, self.gram_sum + other.gram_sum, self.count + other.count)
+        return ActivationStats(*total, self.shift)
 
     @property
     def d(self) -> int:

@@ -147,7 +147,9 @@ def _layer_metrics(kind: str, name: str, layer: LayerBasis, options: SummaryOpti
     return out
 
 
-def _sparsity_metrics(tag: str, kind: str, graph: InteractionGraph, sec: int, options: SummaryOptions) -> dict[str, float]:
+def _sparsity_metrics(
+    tag: str, kind: str, graph: InteractionGraph, sec: int, options: SummaryOptions
+) -> dict[str, float]:
     """Edge concentration of one section, leaving out the constant row and column where there is one."""
     constant = (graph.layers[sec + 1].has_constant, graph.layers[sec].has_constant)
     stats = edge_sparsity(graph.edges[sec], exclude_constant=constant, fractions=options.fractions).to_dict()
@@ -190,7 +192,9 @@ def _snapshot(tracked: InteractionGraph, names: list[str], membership: dict[str,
     )
 
 
-def _evolution_metrics(kind: str, name: str, now: Snapshot, previous: Snapshot, options: SummaryOptions) -> dict[str, float]:
+def _evolution_metrics(
+    kind: str, name: str, now: Snapshot, previous: Snapshot, options: SummaryOptions
+) -> dict[str, float]:
     """Subspace overlap of the top non-constant features and the spectrum change of one layer."""
     dirs, prev = now.directions[name], previous.directions[name]
     # compare the non-constant features (an uncentred layer's feature 0 is a real one)

@@ -117,7 +117,9 @@ class RandomNet(nn.Module):
 
 
 @st.composite
-def architectures(draw, kinds=("mlp", "attn", "conv"), acts=tuple(ACTS), bias=None, max_sections=3, pos=None, min_sections=1):
+def architectures(
+    draw, kinds=("mlp", "attn", "conv"), acts=tuple(ACTS), bias=None, min_sections=1, max_sections=3, pos=None
+):
     n_pos = draw(st.integers(1, 4)) if pos is None else pos
     sections, p = [], n_pos
     for _ in range(draw(st.integers(min_sections, max_sections))):
@@ -137,7 +139,8 @@ def architectures(draw, kinds=("mlp", "attn", "conv"), acts=tuple(ACTS), bias=No
 def inputs(arch: Arch) -> torch.Tensor:
     """``(n, pos, d_in)``: correlated, anisotropic, scaled and offset."""
     gen = torch.Generator().manual_seed(arch.seed + 1)
-    mix = torch.randn(arch.d_in, arch.d_in, generator=gen, dtype=torch.float64) + torch.eye(arch.d_in, dtype=torch.float64)
+    eye = torch.eye(arch.d_in, dtype=torch.float64)
+    mix = torch.randn(arch.d_in, arch.d_in, generator=gen, dtype=torch.float64) + eye
     x = torch.randn(arch.n, arch.pos, arch.d_in, generator=gen, dtype=torch.float64) @ mix
     return arch.scale * x + arch.offset
 
@@ -167,7 +170,7 @@ def section_jacobian(block: Block, acts: torch.Tensor) -> torch.Tensor:
 
 
 def m_prime_ref(jac: torch.Tensor, basis_out) -> torch.Tensor:
-    """M′ ``(d + 1, d + 1)`` = Σ_{x,t,i,s} J̄_{(t,i),(s,j)} J̄_{(t,i),(s,j′)} / (N P), zero constant row/column."""
+    """M′ ``(d + 1, d + 1)`` = Σ_{x,t,i,s} J̄_{(t,i),(s,j)} J̄_{(t,i),(s,j′)} / (N P); constant row/column 0."""
     n, _, d_out, pos, d = jac.shape
     g = torch.einsum("ntasj,ai->ntisj", jac, basis_out.basis[:d_out])  # ĝ's Jacobian
     m = torch.zeros(d + 1, d + 1, dtype=torch.float64)
@@ -176,7 +179,7 @@ def m_prime_ref(jac: torch.Tensor, basis_out) -> torch.Tensor:
 
 
 def edges_ref(jac: torch.Tensor, acts: torch.Tensor, basis_in, basis_out) -> torch.Tensor:
-    """E_ij = Σ_{x,t} (Σ_s ∂ĥ_{t,i}/∂f̂_{s,j} f̂_{s,j})² / (N P) with ĥ(f̂) = F(f̂ C⁺) C_out (spec §4)."""
+    """E_ij = Σ_{x,t} (Σ_s ∂ĥ_{t,i}/∂f̂_{s,j} f̂_{s,j})² / (N P), ĥ(f̂) = F(f̂ C⁺) C_out (spec §4)."""
     n, _, d_out, pos, d = jac.shape
     g = torch.einsum("ntasj,ai->ntisj", jac, basis_out.basis[:d_out])
     dh = torch.einsum("ntisa,ka->ntisk", g, basis_in.basis_pinv[:, :d])  # ∂ĥ/∂f̂
@@ -228,7 +231,7 @@ def test_bases_and_edges_match_jacrev_and_the_spec_invariants(arch, data):
             if kind == "lib" and layer.kind == "lib":  # T2 over the non-constant features
                 keep = important(layer.lambdas, layer.has_constant, 0.0)
                 close(second[keep][:, keep], torch.diag(layer.lambdas[keep]), 1e-7, 1e-9)
-            if layer.has_constant:  # T11: f̂₀ ≡ ±√Λ₀ (±1 if Λ₀ vanishes, or for PCA), C⁺[a, bias] = 0, mean(f̂_a) = 0
+            if layer.has_constant:  # T11: f̂₀ ≡ ±√Λ₀ (±1 if Λ₀ vanishes, or PCA), C⁺[a, bias] = 0, E f̂_a = 0
                 lam0 = float(layer.lambdas[0]) if layer.kind == "lib" and layer.lambdas[0] > 1e-12 else 1.0
                 close(f_hat[:, 0].abs(), torch.full_like(f_hat[:, 0], math.sqrt(lam0)), 1e-9, 0)
                 if k > 1:
@@ -344,9 +347,8 @@ def test_bias_free_relu_rules_agree_and_attributions_sum_to_the_output(arch, dat
     acts = node_acts(model, x)
     for sec in range(len(model.blocks)):
         layer_in, layer_out = (NodeLayer(arch.layers[i]) for i in (sec, sec + 1))
-        f, g = integrated_jacobian(
-            model, layer_in, layer_out, x, integration_rule("gradient"), lambda m, i: m(i), out_basis=ref.layers[sec + 1]
-        )
+        rule = integration_rule("gradient")
+        f, g = integrated_jacobian(model, layer_in, layer_out, x, rule, lambda m, i: m(i), out_basis=ref.layers[sec + 1])
         a = edge_attributions(f, g, ref.layers[sec])  # (N, P_out, k_out, k_in)
         h_hat = acts[sec + 1] @ ref.layers[sec + 1].basis[:-1]  # the constant row carries no attribution
         close(a.sum(-1), h_hat, 1e-7, 1e-6)
@@ -444,7 +446,10 @@ def test_invertible_linear_chain_aligns_every_layer_with_the_output_spectrum(d, 
 
 
 @_settings(2)
-@given(arch=architectures(kinds=("mlp",), acts=("relu", "tanh", "gelu"), min_sections=2, max_sections=2), neuron=st.integers(0, 4))
+@given(
+    arch=architectures(kinds=("mlp",), acts=("relu", "tanh", "gelu"), min_sections=2, max_sections=2),
+    neuron=st.integers(0, 4),
+)
 def test_a_neuron_the_next_layer_ignores_drops_one_lib_dimension_but_no_pca_one(arch, neuron):
     """T9 (centred): zero the next layer's weights from one hidden neuron with variance: the LIB dimension
     of that layer drops by exactly 1 and the PCA dimension does not change."""
