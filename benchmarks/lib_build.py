@@ -66,7 +66,7 @@ def run_reference(model, tokens):
     from lib_lightning.core.basis import identity_basis, lib_basis, whiten
     from lib_lightning.core.capture import NodeLayer, capture, run_section
     from lib_lightning.core.modes import analysis_mode
-    from lib_lightning.core.stats import augment, stats_update
+    from lib_lightning.core.stats import augment, mean_update, shift_of, stats_update
 
     layers = [NodeLayer(n) for n in LAYERS]
     phases: dict[str, float] = {}
@@ -74,7 +74,7 @@ def run_reference(model, tokens):
         t = time.perf_counter()
         with torch.no_grad():
             acts = capture(model, layers, tokens)
-        stats = [stats_update(a) for a in acts]
+        stats = [stats_update(a, shift_of(mean_update(a))) for a in acts]
         whitenings = [whiten(s) for s in stats]
         phases["statistics"] = time.perf_counter() - t
         bases = [None] * len(layers)

@@ -174,6 +174,7 @@ class LIBAnalysis(Callback):
         self.snapshot: Snapshot | None = None
         self.skipped = 0
         self.save_errors = 0
+        self.metric_errors = 0
         self._planned: list[int] = []
         self._inputs: Any = None  # the analysis set, on CPU
         self._drawn = False  # whether it was drawn from a dataloader (then it is kept in checkpoints)
@@ -193,6 +194,7 @@ class LIBAnalysis(Callback):
             "snapshot": self.snapshot.to_state() if self.snapshot is not None else None,
             "skipped": self.skipped,
             "save_errors": self.save_errors,
+            "metric_errors": self.metric_errors,
         }
         if self._drawn and self._inputs is not None:  # a set drawn from a shuffling loader is not reproducible
             try:
@@ -213,6 +215,7 @@ class LIBAnalysis(Callback):
         self.save_errors = int(state_dict.get("save_errors", 0))
         if state_dict.get("inputs") is not None:
             self._inputs, self._drawn = nested.from_state(state_dict["inputs"]), True
+        self.metric_errors = int(state_dict.get("metric_errors", 0))
 
     @property
     def analysed_steps(self) -> list[int]:
@@ -397,11 +400,13 @@ class LIBAnalysis(Callback):
             **self.build_kwargs,
         )
         built = time.perf_counter()
-        summary = summarise(graphs, self.options, self.snapshot)
+        summary = summarise(graphs, self.options, self.snapshot, strict=False)  # a metric never aborts training
         metrics = dict(summary.metrics)
+        self._report_errors(summary.errors, step)
         metrics.update(self._relu_metrics(pl_module, batches, index, reduce))
         summarised = time.perf_counter()
         metrics["lib/skipped"] = float(self.skipped)
+        metrics["lib/metric_errors"] = float(self.metric_errors)
         metrics["lib/time/build_s"] = built - start
         metrics.update(phases)
         metrics["lib/time/summary_s"] = summarised - built
@@ -415,6 +420,14 @@ class LIBAnalysis(Callback):
             self._write(lambda: self._log_extras(trainer, graphs, summary, step), f"the LIB figures of step {step}")
         self.history[-1]["seconds"] = time.perf_counter() - start
         rank_zero_info(self._one_line(step, metrics, self.history[-1]["seconds"]))
+
+    def _report_errors(self, errors: dict[str, str], step: int) -> None:
+        """Counts the metrics that failed (``lib/metric_errors``, cumulative, like ``lib/skipped``) and warns."""
+        if not errors:
+            return
+        self.metric_errors += len(errors)
+        listed = "; ".join(f"{name}: {message}" for name, message in errors.items())
+        rank_zero_warn(f"LIB analysis at step {step}: {len(errors)} metric(s) failed and were skipped ({listed})")
 
     @property
     def _names(self) -> list[str]:

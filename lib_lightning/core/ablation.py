@@ -207,15 +207,16 @@ def node_ablation(
     """Accuracy and loss with each node layer projected onto its first k features (LIB_SPEC.md §7).
 
     f ↦ f C_k C⁺ on one node layer at a time, the rest of the model unchanged; k counts the constant
-    direction (k = 1 keeps only the mean activation), and k = d_lib applies the identity, not C C⁺.
+    direction where feature 0 is one (centred: k = 1 keeps only the mean activation), and k = d_lib
+    applies the identity, not C C⁺.
 
     Args:
         model: the model the graph was built on; eval mode, frozen and cast to ``dtype`` meanwhile, then
             restored exactly.
         graph: bases of the node layers (its layer names are the module names to hook).
         data: ``(inputs, labels)`` batches, held out from the data the graph was built on.
-        layers: indices of the node layers to ablate; default every layer with a constant direction
-            (an unrotated output layer is left out).
+        layers: indices of the node layers to ablate; default every layer but an unrotated output layer,
+            centred or not.
         ks: numbers of features to keep (clipped to each layer's d_lib, ``d_lib`` always added); default
             :func:`ablation_schedule` with ``dense_up_to`` and ``base``.
         dtype: precision of the evaluation.
@@ -229,7 +230,7 @@ def node_ablation(
     data = check_data(data)
     n_layers = len(graph.layers)
     if layers is None:
-        layers = [i for i, layer in enumerate(graph.layers) if layer.has_constant]
+        layers = [i for i, layer in enumerate(graph.layers) if layer.kind != "identity"]
     bad = [i for i in layers if not 0 <= i < n_layers]
     if bad:
         raise ValueError(f"layer indices {bad} out of range for {n_layers} node layers {graph.layer_names}")

@@ -7,13 +7,22 @@ whenever ``has_constant`` is true.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from lib_lightning.core.stats import ActivationStats, augment, centring_matrices
 
-__all__ = ["LayerBasis", "Whitening", "whiten", "lib_basis", "pca_basis", "neuron_basis", "identity_basis"]
+__all__ = [
+    "LayerBasis", "Whitening", "whiten", "lib_basis", "pca_basis", "neuron_basis", "identity_basis", "NEGATIVE_RTOL",
+]
+
+# Eigenvalues of a Gram matrix or of M are >= 0 in exact arithmetic; float64 eigh returns them to within
+# ~ d·ε·λ_max (≲ 1e-13 for d ≤ 1000). A value below −NEGATIVE_RTOL·λ_max is not rounding: the statistics
+# themselves are wrong (e.g. a cancelling one-pass covariance), and |λ| would hide it.
+NEGATIVE_RTOL = 1e-10
+_warned: set[str] = set()  # layers already warned about: once per layer name and process
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,10 @@ class Whitening:
 
 
 def _check_thresholds(abs_threshold: float, rel_threshold: float) -> None:
+    """The one check of truncation and counting thresholds (bases and degeneracy counts alike).
+
+    rel_threshold = 1 would keep (or count) nothing but the constant, so it is excluded.
+    """
     if not abs_threshold >= 0:
         raise ValueError(f"abs_threshold must be >= 0, got {abs_threshold}")
     if not 0 <= rel_threshold < 1:
@@ -106,28 +119,54 @@ def _keep(values: torch.Tensor, abs_threshold: float, rel_threshold: float) -> t
     return (values > abs_threshold) & (values > rel_threshold * values.max())
 
 
-def _sorted_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """|eigenvalues| descending and their eigenvectors (columns), in float64."""
+def _warn_negative(evals: torch.Tensor, name: str, matrix: str, negative_rtol: float) -> None:
+    """Warns once per layer name when an eigenvalue is negative beyond rounding relative to the largest."""
+    if evals.numel() == 0 or name in _warned:
+        return
+    low, high = float(evals.min()), float(evals.abs().max())
+    if low < -negative_rtol * high:
+        _warned.add(name)
+        warnings.warn(
+            f"node layer {name!r}: the {matrix} has an eigenvalue {low:.3g}, {-low / high:.2g} of the largest "
+            f"({high:.3g}); rounding stays below {negative_rtol:g} of it, so the statistics are inaccurate "
+            "(|λ| is used from here on; warned once per layer)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _sorted_eigh(
+    matrix: torch.Tensor, name: str = "", what: str = "matrix", negative_rtol: float = NEGATIVE_RTOL
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """|eigenvalues| descending and their eigenvectors (columns), in float64; warns on large negatives."""
     evals, evecs = torch.linalg.eigh(matrix.to(torch.float64))
+    _warn_negative(evals, name, what, negative_rtol)
     evals = evals.abs()
     order = torch.argsort(evals, descending=True)
     return evals[order], evecs[:, order]
 
 
-def whiten(stats: ActivationStats, center: bool = True, abs_threshold: float = 1e-12, rel_threshold: float = 0.0) -> Whitening:
+def whiten(
+    stats: ActivationStats,
+    center: bool = True,
+    abs_threshold: float = 1e-12,
+    rel_threshold: float = 0.0,
+    name: str = "",
+) -> Whitening:
     """Step 1: eigendecompose the Gram matrix and keep directions with variance above the thresholds.
 
     Centred, G = blockdiag(Cov, 1) by construction, so the covariance block is eigendecomposed on its
     own and the constant direction e_bias is exact (this avoids the mixing the spec warns of when a
     covariance eigenvalue is numerically 1). It is always kept; ``rel_threshold`` is relative to the
-    largest non-constant eigenvalue.
+    largest non-constant eigenvalue. ``name`` (the node layer) labels the warning on eigenvalues negative
+    beyond rounding.
     """
     _check_thresholds(abs_threshold, rel_threshold)
     gram = stats.gram(center)
     d = stats.d
     if center:
         y, y_inv = centring_matrices(stats.mean)
-        evals, evecs = _sorted_eigh(gram[:d, :d])
+        evals, evecs = _sorted_eigh(gram[:d, :d], name, "covariance")
         keep = _keep(evals, abs_threshold, rel_threshold)
         u = torch.zeros(d + 1, int(keep.sum()) + 1, dtype=torch.float64, device=gram.device)
         u[d, 0] = 1.0
@@ -135,7 +174,7 @@ def whiten(stats: ActivationStats, center: bool = True, abs_threshold: float = 1
         one = gram[d : d + 1, d]
         return Whitening(u, torch.cat([one, evals[keep]]), torch.cat([one, evals]), y, y_inv, True)
     eye = torch.eye(d + 1, dtype=torch.float64, device=gram.device)
-    evals, evecs = _sorted_eigh(gram)
+    evals, evecs = _sorted_eigh(gram, name, "Gram matrix")
     keep = _keep(evals, abs_threshold, rel_threshold)
     return Whitening(evecs[:, keep], evals[keep], evals, eye, eye.clone(), False)
 
@@ -174,7 +213,7 @@ def lib_basis(
     r_pinv = w.r_pinv
     m = r_pinv @ m_prime.to(torch.float64) @ r_pinv.T  # (k1, k1)
     m = (m + m.T) / 2
-    lam_s, v_s = _sorted_eigh(m[n_m:, n_m:])
+    lam_s, v_s = _sorted_eigh(m[n_m:, n_m:], name, "whitened M")
     keep = _keep(lam_s, abs_threshold, rel_threshold)
     if max_features is not None:
         rank = n_m + int(keep.sum())
@@ -201,8 +240,8 @@ def neuron_basis(name: str, stats: ActivationStats) -> LayerBasis:
     d = stats.d
     perm = torch.cat([torch.tensor([d]), torch.arange(d)])
     basis = torch.eye(d + 1, dtype=torch.float64, device=stats.sum.device)[:, perm]
-    second_moment = (stats.gram_sum.diagonal() / stats.count)[perm]
-    evals = _sorted_eigh(stats.gram(True))[0]
+    second_moment = stats.second_moment().diagonal()[perm]
+    evals = whiten(stats, True, 0.0, 0.0, name).all_eigenvalues  # constant first, as LayerBasis documents
     return LayerBasis(name, "neuron", basis, basis.T.clone(), second_moment, evals, True)
 
 
@@ -210,5 +249,5 @@ def identity_basis(name: str, stats: ActivationStats, pca_eigenvalues: torch.Ten
     """An unrotated final layer (e.g. logits): f̂ = f, no constant direction."""
     d = stats.d
     eye = torch.eye(d + 1, d, dtype=torch.float64, device=stats.sum.device)
-    second_moment = stats.gram_sum.diagonal()[:d] / stats.count
+    second_moment = stats.second_moment().diagonal()[:d]
     return LayerBasis(name, "identity", eye, eye.T.clone(), second_moment, pca_eigenvalues, False)

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from lib_lightning.core.basis import _check_thresholds
 from lib_lightning.core.sparsity import _check_weights, n_to_hold
 
 __all__ = ["GradientDegeneracy", "SpectrumStats", "gradient_degeneracy", "gram_rank_deficit", "spectrum_stats"]
@@ -57,7 +58,7 @@ def spectrum_stats(
     Args:
         eigenvalues: ``(dim,)`` non-negative spectrum, e.g. LIB Λ or PCA variances without the constant.
         abs_threshold: ``kept_abs`` counts Λ > abs_threshold; must be >= 0.
-        rel_threshold: ``kept_rel`` counts Λ > rel_threshold · max Λ; must be in [0, 1].
+        rel_threshold: ``kept_rel`` counts Λ > rel_threshold · max Λ; must be in [0, 1).
 
     Returns:
         A :class:`SpectrumStats`. An empty or all-zero spectrum has every count, ``total``,
@@ -104,21 +105,20 @@ def gram_rank_deficit(gram_eigenvalues: torch.Tensor, threshold: float = 1e-10) 
 
 @dataclass(frozen=True)
 class GradientDegeneracy:
-    """Directions with variance that LIB finds irrelevant (Λ ≈ 0), at an absolute and a relative threshold.
+    """Directions with variance that LIB finds irrelevant (Λ ≈ 0), counted relative to each spectrum's maximum.
+
+    Only relative counts: Λ is in output units² (squared singular values of the whitened Jacobian) and the
+    PCA variances in activation units², so one absolute threshold applied to both compares numbers with
+    different units; a fraction of each spectrum's own maximum is unit-free.
 
     Attributes:
-        pca_kept_abs, lib_kept_abs: directions above ``abs_threshold``.
-        pca_kept_rel, lib_kept_rel: directions above ``rel_threshold`` times each spectrum's own maximum.
-        n_abs: ``pca_kept_abs - lib_kept_abs``.
-        n_rel: ``pca_kept_rel - lib_kept_rel`` (may be negative: relative cuts of different spectra).
+        pca_kept, lib_kept: directions above ``rel_threshold`` times that spectrum's maximum.
+        n: ``pca_kept - lib_kept`` (may be negative: relative cuts of different spectra).
     """
 
-    pca_kept_abs: int
-    lib_kept_abs: int
-    pca_kept_rel: int
-    lib_kept_rel: int
-    n_abs: int
-    n_rel: int
+    pca_kept: int
+    lib_kept: int
+    n: int
 
     def to_dict(self) -> dict[str, int]:
         """The fields as plain Python ints."""
@@ -126,30 +126,20 @@ class GradientDegeneracy:
 
 
 def gradient_degeneracy(
-    pca_eigenvalues: torch.Tensor,
-    lib_lambdas: torch.Tensor,
-    abs_threshold: float = 1e-10,
-    rel_threshold: float = 1e-3,
+    pca_eigenvalues: torch.Tensor, lib_lambdas: torch.Tensor, rel_threshold: float = 1e-3
 ) -> GradientDegeneracy:
-    """PCA directions kept minus LIB directions kept, at the same absolute and relative thresholds.
+    """PCA directions kept minus LIB directions kept, each above ``rel_threshold`` × its own maximum.
+
+    Invariant to rescaling either spectrum (a change of output or activation units).
 
     Args:
         pca_eigenvalues: ``(d_pca,)`` non-negative PCA variances (constant removed).
         lib_lambdas: ``(d_lib,)`` non-negative LIB Λ (constant removed).
-        abs_threshold: counts eigenvalues > abs_threshold; >= 0.
-        rel_threshold: counts eigenvalues > rel_threshold · (that spectrum's max); in [0, 1].
+        rel_threshold: counts eigenvalues > rel_threshold · (that spectrum's max); in [0, 1).
 
     Raises:
         ValueError: as :func:`spectrum_stats`.
     """
-    pca = spectrum_stats(pca_eigenvalues, abs_threshold=abs_threshold, rel_threshold=rel_threshold)
-    lib = spectrum_stats(lib_lambdas, abs_threshold=abs_threshold, rel_threshold=rel_threshold)
-    return GradientDegeneracy(pca.kept_abs, lib.kept_abs, pca.kept_rel, lib.kept_rel,
-                              n_abs=pca.kept_abs - lib.kept_abs, n_rel=pca.kept_rel - lib.kept_rel)
-
-
-def _check_thresholds(abs_threshold: float, rel_threshold: float) -> None:
-    if not abs_threshold >= 0.0:
-        raise ValueError(f"abs_threshold must be >= 0, got {abs_threshold}")
-    if not 0.0 <= rel_threshold <= 1.0:
-        raise ValueError(f"rel_threshold must be in [0, 1], got {rel_threshold}")
+    pca = spectrum_stats(pca_eigenvalues, abs_threshold=0.0, rel_threshold=rel_threshold)
+    lib = spectrum_stats(lib_lambdas, abs_threshold=0.0, rel_threshold=rel_threshold)
+    return GradientDegeneracy(pca.kept_rel, lib.kept_rel, n=pca.kept_rel - lib.kept_rel)

@@ -28,8 +28,8 @@ def subspace_overlap(prev: torch.Tensor, new: torch.Tensor, k: int | None = None
             most important first.
         new: ``(k2, d)`` likewise.
         k: rows to compare, in [1, min(k1, k2)]; default min(k1, k2).
-        rank_rtol: the top-k rows count as linearly dependent when a diagonal entry of R is below
-            ``rank_rtol`` times the largest.
+        rank_rtol: the top-k rows count as linearly dependent when, scaled to unit norm, one is within
+            an angle of sine ``rank_rtol`` of the span of those before it (|R_ii| of their QR).
 
     Raises:
         ValueError: for non-2-D inputs, different ``d``, ``k`` out of range, or dependent top-k rows.
@@ -47,14 +47,24 @@ def subspace_overlap(prev: torch.Tensor, new: torch.Tensor, k: int | None = None
 
 
 def _orthonormal_rows(rows: torch.Tensor, name: str, rank_rtol: float) -> torch.Tensor:
-    """An orthonormal basis ``(d, k)`` of the span of ``rows`` ``(k, d)``."""
+    """An orthonormal basis ``(d, k)`` of the span of ``rows`` ``(k, d)``.
+
+    The rows are scaled to unit norm first: rows of C⁺ have norms ∝ Λ^(-1/2), many orders of magnitude
+    apart, and a span does not depend on them; after it, |R_ii| is the sine of the angle between row i
+    and the span of the rows before it, so ``rank_rtol`` measures dependence and nothing else.
+    """
     k, d = rows.shape
     if k > d:
         raise ValueError(f"{name}: {k} rows in d={d} dimensions are linearly dependent; use k <= {d}")
-    q, r = torch.linalg.qr(rows.T)  # (d, k), (k, k)
+    norms = rows.norm(dim=1)  # (k,)
+    if bool((norms == 0).any()):
+        raise ValueError(f"{name}: rows {(norms == 0).nonzero().flatten().tolist()} of the top {k} are zero")
+    q, r = torch.linalg.qr((rows / norms[:, None]).T)  # (d, k), (k, k)
     diag = r.diagonal().abs()
-    if bool((diag <= rank_rtol * diag.max()).any()) or diag.max() == 0:
-        raise ValueError(f"{name}: the top-{k} rows are linearly dependent (|diag R| = {diag.tolist()})")
+    if bool((diag <= rank_rtol).any()):
+        raise ValueError(
+            f"{name}: the top-{k} rows are linearly dependent (|diag R| of the unit rows = {diag.tolist()})"
+        )
     return q
 
 

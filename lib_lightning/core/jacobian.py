@@ -245,7 +245,7 @@ def edge_attributions(acts: torch.Tensor, g: torch.Tensor, basis_in: LayerBasis)
         part = torch.matmul(g[:, s].reshape(batch, pos_out * k_out, d_in).to(torch.float64), pinv_t)
         part.mul_(f_hat[:, s, None, :])
         a = part if a is None else a.add_(part)
-    return a.view(batch, pos_out, k_out, -1)
+    return a.view(batch, pos_out, k_out, pinv_t.shape[1])  # k_in explicit: a layer may keep no feature
 
 
 def edges_update(acts: torch.Tensor, g: torch.Tensor, basis_in: LayerBasis) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Build LIB, PCA and neuron interaction graphs of any model from module names (spec §2–§4).
 
-Order of work: one pass over the data for the means and Gram matrices of every node layer; then, from
+Order of work: two forward passes over the data for the means, then the Gram matrices about them, of
+every node layer (stats.py: no cancellation for large means); then, from
 the last section backwards, one pass per section for its integrated Jacobians. Their rows are taken in
 the next layer's basis when every requested kind shares it (LIB alone, or the final layer), so there is
 one VJP per kept feature; otherwise in neurons, projected onto each kind's basis. Each Jacobian chunk
@@ -40,9 +41,9 @@ from lib_lightning.core.jacobian import (
     project,
 )
 from lib_lightning.core.modes import analysis_mode, prepare_inputs
-from lib_lightning.core.stats import ActivationStats, stats_update
+from lib_lightning.core.stats import ActivationStats, mean_update, shift_of, stats_update
 
-__all__ = ["build_graphs", "KINDS"]
+__all__ = ["build_graphs", "KINDS", "default_reuse_rtol"]
 
 KINDS = ("lib", "pca", "neuron")
 EDGE_POINTS = ("activation", "reconstruction")
@@ -66,6 +67,34 @@ def _validate(kinds, chunk_size, cache_bytes, edge_point, batches) -> list[Any]:
     return batches
 
 
+def default_reuse_rtol(dtype: torch.dtype) -> float:
+    """``reuse_rtol`` when none is given: max(1e-10, 1000 ε) of the analysis dtype.
+
+    1e-10 in float64 sits 10× above the rounding of f C C⁺ measured on the trained transformer (1e-11);
+    1000 ε (1.2e-4 in float32) is the same allowance for the rounding of a float32 forward and VJP
+    (~ d ε for d of a few hundred). A fixed 1e-10 is below float32's ε: every chunk was recomputed.
+    """
+    return max(1e-10, 1e3 * torch.finfo(dtype).eps)
+
+
+def _mean_sums(
+    model: nn.Module, node_layers: list[NodeLayer], batches: Iterable[Any], dtype: torch.dtype | None, forward: Forward
+) -> list[torch.Tensor]:
+    """Per node layer, the partial (Σ f, N P) of this process's batches: the shift of the statistics."""
+    sums: list[torch.Tensor] | None = None
+    for b, inputs in enumerate(batches):
+        with torch.no_grad():
+            acts = capture(model, node_layers, prepare_inputs(inputs, dtype), forward)
+        for layer, a in zip(node_layers, acts):
+            if not torch.isfinite(a).all():
+                raise ValueError(f"activations of node layer {layer.name!r} contain NaN or Inf (batch {b})")
+        parts = [mean_update(a) for a in acts]
+        sums = parts if sums is None else [s + p for s, p in zip(sums, parts)]
+    if sums is None:
+        raise ValueError("the analysis dataset is empty: no batch was given")
+    return sums
+
+
 def build_graphs(
     model: nn.Module,
     layers: Sequence[str | NodeLayer],
@@ -81,7 +110,7 @@ def build_graphs(
     rel_threshold: float = 0.0,
     max_features: int | None = None,
     edge_point: str = "activation",
-    reuse_rtol: float = 1e-10,
+    reuse_rtol: float | None = None,
     position_sources: int | None = None,
     seed: int = 0,
     chunk_size: int = 256,
@@ -114,8 +143,8 @@ def build_graphs(
             integrated VJPs in two random directions agree at both points to ``reuse_rtol`` (affine and
             ReLU sections whose pattern does not change); everything else is recomputed at f C C⁺. The
             two points agree when truncation only drops directions without variance (spec §11). The
-            default 1e-10 sits above the rounding of f C C⁺ itself (1e-11 relative was measured for a
-            full-rank basis of the trained transformer), which is not a different point.
+            default, :func:`default_reuse_rtol` of the analysis dtype (1e-10 in float64, 1.2e-4 in
+            float32), sits above rounding, which is not a different point.
         position_sources: if set, R stochastic sources replace the output positions of every section
             (spec §3, Rademacher signs): R VJPs per output feature instead of one per position, with M′
             and the squared edges unbiased (exact for single-position outputs). For sections whose
@@ -140,12 +169,16 @@ def build_graphs(
     if position_sources is not None and position_sources < 1:
         raise ValueError(f"position_sources must be None or >= 1, got {position_sources}")
     int_rule = integration_rule(rule, n_intervals)
+    if reuse_rtol is None:
+        own = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float64)
+        reuse_rtol = default_reuse_rtol(dtype or own)
     reduce = reduce or (lambda t: t)
     report = progress or (lambda phase, done, total: None)
     n_batches = len(batches) if hasattr(batches, "__len__") else 0
     names = [layer.name for layer in node_layers]
     with torch.inference_mode(False), analysis_mode(model, dtype):
-        # One pass: means and Gram matrices of every node layer.
+        # Two passes: the means, then the Gram matrices as sums about them (no cancellation, stats.py).
+        shifts = [shift_of(reduce(part)) for part in _mean_sums(model, node_layers, batches, dtype, forward)]
         stats: list[ActivationStats | None] = [None] * len(node_layers)
         n_examples, positions = 0, []
         for b, inputs in enumerate(batches):
@@ -158,19 +191,15 @@ def build_graphs(
             with torch.no_grad():
                 acts = capture(model, node_layers, inputs, forward)
             for i, a in enumerate(acts):
-                if not torch.isfinite(a).all():
-                    raise ValueError(f"activations of node layer {names[i]!r} contain NaN or Inf (batch {b})")
-                part = stats_update(a)
+                part = stats_update(a, shifts[i])
                 stats[i] = part if stats[i] is None else stats[i] + part
             n_examples += acts[0].shape[0]
             positions = [a.shape[1] for a in acts]
             report("statistics", b + 1, n_batches)
-        if stats[0] is None:
-            raise ValueError("the analysis dataset is empty: no batch was given")
         stats = [s.reduce(reduce) for s in stats]
         n_examples = int(reduce(torch.tensor(float(n_examples), dtype=torch.float64, device=stats[0].count.device)).item())
 
-        whitenings = [whiten(s, center, abs_threshold, rel_threshold) for s in stats]
+        whitenings = [whiten(s, center, abs_threshold, rel_threshold, name) for s, name in zip(stats, names)]
         last = len(node_layers) - 1
         final = (
             pca_basis(names[last], whitenings[last])

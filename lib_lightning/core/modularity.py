@@ -46,7 +46,7 @@ def interaction_graph(
     weighting: str = "log",
     log_cutoff_fraction: float = 0.99,
     cutoffs: Sequence[float] | None = None,
-    exclude_constant: bool = True,
+    exclude_constant: bool | Sequence[bool] = True,
 ) -> nx.Graph:
     """An undirected weighted graph of features joined by their interaction strength.
 
@@ -62,7 +62,9 @@ def interaction_graph(
         log_cutoff_fraction: for ``"log"``, ε_l = :func:`log_cutoff` of the section at this fraction.
         cutoffs: for ``"log"``, ``L`` explicit positive ε_l (e.g. from an ablation) overriding
             ``log_cutoff_fraction``.
-        exclude_constant: leave out feature 0 of every layer and every edge touching it.
+        exclude_constant: leave out feature 0 and every edge touching it: of every layer (``True``), or
+            per layer (``L + 1`` bools, e.g. each ``LayerBasis.has_constant``: an uncentred layer's
+            feature 0 is a real feature).
 
     Returns:
         A ``networkx.Graph`` with nodes ``(layer_name, feature_index)`` (every non-constant feature, edge
@@ -90,15 +92,16 @@ def interaction_graph(
         if len(cutoffs) != len(edges) or not all(c > 0 for c in cutoffs):
             raise ValueError(f"cutoffs must be {len(edges)} positive numbers, one per section, got {cutoffs}")
     sizes = _layer_sizes(edges, layer_names)
-    first = 1 if exclude_constant else 0
+    firsts = _first_features(exclude_constant, layer_names)
 
     graph = nx.Graph(weighting=weighting)
     for index, (name, size) in enumerate(zip(layer_names, sizes)):
-        attributes = ({"layer": name, "layer_index": index, "feature": f} for f in range(first, size))
+        attributes = ({"layer": name, "layer_index": index, "feature": f} for f in range(firsts[index], size))
         graph.add_nodes_from(((name, a["feature"]), a) for a in attributes)
     used_cutoffs = []
     for index, section in enumerate(edges):
-        raw = section.detach().to(torch.float64).cpu()[first:, first:]  # (k_out - first, k_in - first)
+        first_in, first_out = firsts[index], firsts[index + 1]
+        raw = section.detach().to(torch.float64).cpu()[first_out:, first_in:]  # (k_out - first_out, k_in - first_in)
         if weighting == "log":
             eps = cutoffs[index] if cutoffs is not None else log_cutoff(raw, log_cutoff_fraction)
             used_cutoffs.append(eps)
@@ -111,11 +114,21 @@ def interaction_graph(
         out_name, in_name = layer_names[index + 1], layer_names[index]
         for i, j in torch.nonzero(weight > 0).tolist():
             graph.add_edge(
-                (in_name, j + first), (out_name, i + first), weight=float(weight[i, j]), raw=float(raw[i, j])
+                (in_name, j + first_in), (out_name, i + first_out), weight=float(weight[i, j]), raw=float(raw[i, j])
             )
     if weighting == "log":
         graph.graph["cutoffs"] = tuple(used_cutoffs)
     return graph
+
+
+def _first_features(exclude_constant: bool | Sequence[bool], layer_names: list[str]) -> list[int]:
+    """Index of each layer's first graph node: 1 where feature 0 is a constant left out, else 0."""
+    if isinstance(exclude_constant, bool):
+        return [int(exclude_constant)] * len(layer_names)
+    flags = list(exclude_constant)
+    if len(flags) != len(layer_names) or not all(isinstance(f, bool) for f in flags):
+        raise ValueError(f"exclude_constant must be a bool or {len(layer_names)} bools (one per layer), got {flags}")
+    return [int(f) for f in flags]
 
 
 def _layer_sizes(edges: list[torch.Tensor], layer_names: list[str]) -> list[int]:

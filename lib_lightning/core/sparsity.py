@@ -85,7 +85,7 @@ class EdgeSparsity:
 
 
 def edge_sparsity(
-    edges: torch.Tensor, *, exclude_constant: bool = True, fractions: Sequence[float] = (0.9, 0.99)
+    edges: torch.Tensor, *, exclude_constant: bool | tuple[bool, bool] = True, fractions: Sequence[float] = (0.9, 0.99)
 ) -> EdgeSparsity:
     """How concentrated the edge weights of one section are.
 
@@ -94,9 +94,11 @@ def edge_sparsity(
 
     Args:
         edges: ``(k_out, k_in)`` non-negative edges; rows are the output node layer's features, columns
-            the input's; index 0 of each is the constant direction.
-        exclude_constant: drop row 0 and column 0 (every edge touching a constant node), as the
-            reference does for sparsity and modularity.
+            the input's.
+        exclude_constant: drop every edge touching a constant node, as the reference does for sparsity
+            and modularity: ``True`` drops row 0 and column 0, a pair ``(out, in)`` drops row 0 only if
+            ``out`` and column 0 only if ``in`` (each: whether that layer's feature 0 is the constant
+            direction, ``LayerBasis.has_constant``; an uncentred layer's feature 0 is a real feature).
         fractions: weight fractions in (0, 1], each reported as ``n_<pct>`` and ``frac_<pct>``.
 
     Returns:
@@ -110,8 +112,8 @@ def edge_sparsity(
     for fraction in fractions:
         _check_fraction(fraction)
     edges = _check_weights(edges, "edges", ndim=2)
-    if exclude_constant:
-        edges = edges[1:, 1:]
+    drop_out, drop_in = (exclude_constant, exclude_constant) if isinstance(exclude_constant, bool) else exclude_constant
+    edges = edges[int(drop_out) :, int(drop_in) :]
     k_out, k_in = edges.shape
     weights = edges.reshape(-1)  # (k_out * k_in,)
     n_edges = weights.numel()

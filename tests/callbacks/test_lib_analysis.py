@@ -130,6 +130,23 @@ def test_nan_activations_skip_the_analysis_and_training_goes_on(tmp_path):
     assert cb.analysed_steps == [0, 4] and cb.skipped == 2
 
 
+def test_a_failing_metric_is_counted_and_skipped_and_the_others_are_logged(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("community detection broke")
+
+    monkeypatch.setattr("lib_lightning.core.summary.find_communities", broken)
+    L.seed_everything(0)
+    cb = _foreign_callback()
+    with pytest.warns(UserWarning, match=r"step 4: 1 metric\(s\) failed and were skipped \(graph/modularity: RuntimeError"):
+        trainer = _trainer(tmp_path, 8, [cb])
+        trainer.fit(ForeignModule(), ForeignData())
+    assert trainer.global_step == 8 and cb.analysed_steps == [0, 4, 8]
+    last = cb.history[-1]["metrics"]
+    assert "graph/modularity" not in last
+    assert {"lib/encoder.1/dim_abs", "edges/encoder.1->encoder.3/lib_n99", "lib/encoder.1/subspace_overlap"} <= set(last)
+    assert last["lib/metric_errors"] == 3.0 and cb.state_dict()["metric_errors"] == 3
+
+
 def test_logger_without_images_falls_back_to_scalars_with_one_warning(tmp_path):
     L.seed_everything(0)
     cb = _foreign_callback()

@@ -101,6 +101,15 @@ def test_node_ablation_full_k_is_exact_and_constant_only_is_chance(mlp):
         assert acc < base.accuracy
 
 
+def test_node_ablation_of_an_uncentred_graph_covers_every_non_output_layer(mlp):
+    model, x, _, data = mlp
+    lib = build_graphs(model, LAYERS, [x], kinds=("lib",), center=False)["lib"]
+    curves = node_ablation(model, lib, data, ks=[1])  # no layer has a constant direction: none was ablated
+    assert [c.layer for c in curves] == ["inp", "h0", "h1"]
+    base = evaluate(model, data)
+    assert all(c.accuracy[-1].item() == base.accuracy for c in curves)
+
+
 def test_node_ablation_projection_matches_direct_computation(mlp):
     model, _, graphs, data = mlp
     for kind in ("lib", "pca"):

@@ -61,7 +61,7 @@ def test_spectrum_stats_empty_and_all_zero():
         (torch.tensor([3.0, 1.0, -1e-14, -2.0]), {}, r"negative entries .* at \[2, 3\].*\|λ\|"),
         (torch.ones(2, 2), {}, r"1-D"),
         (torch.ones(3), {"abs_threshold": -1.0}, r"abs_threshold must be >= 0, got -1.0"),
-        (torch.ones(3), {"rel_threshold": 2.0}, r"rel_threshold must be in \[0, 1\], got 2.0"),
+        (torch.ones(3), {"rel_threshold": 2.0}, r"rel_threshold must be in \[0, 1\), got 2.0"),
     ],
 )
 def test_spectrum_stats_bad_input(lam, kwargs, match):
@@ -88,10 +88,20 @@ def test_gram_rank_deficit_counts_linearly_dependent_activations():
 def test_gradient_degeneracy_closed_form():
     pca = torch.tensor([5.0, 3.0, 1.0, 0.5, 1e-6], dtype=torch.float64)
     lib = torch.tensor([8.0, 2.0, 1e-9, 1e-13, 0.0], dtype=torch.float64)
-    result = gradient_degeneracy(pca, lib, abs_threshold=1e-10, rel_threshold=1e-2)
-    # absolute: PCA keeps 5, LIB 3; relative (0.05 and 0.08): PCA keeps 4, LIB 2
-    assert result.to_dict() == {"pca_kept_abs": 5, "lib_kept_abs": 3, "pca_kept_rel": 4, "lib_kept_rel": 2,
-                                "n_abs": 2, "n_rel": 2}
+    result = gradient_degeneracy(pca, lib, rel_threshold=1e-2)
+    # relative cuts 0.05 and 0.08: PCA keeps 4, LIB 2
+    assert result.to_dict() == {"pca_kept": 4, "lib_kept": 2, "n": 2}
+
+
+def test_gradient_degeneracy_does_not_depend_on_the_units_of_either_spectrum():
+    # Λ is in output units², PCA variances in activation units²: rescaling either must not change the count
+    pca = torch.tensor([5.0, 3.0, 1.0, 0.5, 1e-6], dtype=torch.float64)
+    lib = torch.tensor([8.0, 2.0, 1e-9, 1e-13, 0.0], dtype=torch.float64)
+    base = gradient_degeneracy(pca, lib).to_dict()
+    for scale_pca, scale_lib in ((1e-12, 1.0), (1.0, 1e-9), (1e6, 1e-6)):
+        assert gradient_degeneracy(pca * scale_pca, lib * scale_lib).to_dict() == base
+    with pytest.raises(ValueError, match=r"rel_threshold must be in \[0, 1\), got 1.0"):
+        gradient_degeneracy(pca, lib, rel_threshold=1.0)
 
 
 # --- ReLU co-firing ------------------------------------------------------------------------------------------

@@ -61,6 +61,17 @@ def test_subspace_overlap_bad_input():
         subspace_overlap(torch.ones(5), _randn(2, 5))
 
 
+def test_rows_of_very_different_norms_are_not_called_dependent():
+    # rows of C⁺ scale as Λ^(-1/2): norms 1e-6 .. 1e6 on well-separated directions (issue 11, item 4)
+    directions = torch.linalg.qr(_randn(6, 3, seed=5))[0].T  # (3, 6) orthonormal rows
+    prev = directions * torch.tensor([1e6, 1.0, 1e-6], dtype=torch.float64)[:, None]
+    new = directions[[0, 2, 1]] * torch.tensor([1e-3, 1e4, 2.0], dtype=torch.float64)[:, None]
+    assert subspace_overlap(prev, new) == pytest.approx(1.0, abs=1e-12)
+    assert subspace_overlap(prev, directions, k=2) == pytest.approx(1.0, abs=1e-12)
+    with pytest.raises(ValueError, match=r"new: rows \[1\] of the top 3 are zero"):
+        subspace_overlap(prev, directions * torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)[:, None])
+
+
 # --- spectrum distance -------------------------------------------------------------------------------------
 
 

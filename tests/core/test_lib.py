@@ -295,7 +295,7 @@ def test_output_constant_receives_no_edges_t15_analogue(mlp_setup):
             assert e[0].abs().max() == 0
 
 
-def _two_process_graphs(models, shards, **kwargs):
+def _two_process_graphs(models, shards, layers=LAYERS, **kwargs):
     """Runs build_graphs on two shards in lockstep threads whose reduce is an all-reduce (sum)."""
     barrier = threading.Barrier(2)
     slots: list = [None, None]
@@ -309,7 +309,7 @@ def _two_process_graphs(models, shards, **kwargs):
         return total
 
     def run(rank: int) -> None:
-        results[rank] = build_graphs(models[rank], LAYERS, shards[rank], reduce=lambda t: all_reduce(rank, t), **kwargs)
+        results[rank] = build_graphs(models[rank], layers, shards[rank], reduce=lambda t: all_reduce(rank, t), **kwargs)
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
     for th in threads:
@@ -528,3 +528,44 @@ def test_position_sources_are_seeded_per_chunk_and_recomputed_chunks_agree():
     assert ((lam - lam_exact).abs() / lam_exact).max() < 0.5
     with pytest.raises(ValueError, match="position_sources must be None or >= 1, got 0"):
         build_graphs(model, ["inp", "hid", "out"], [x], position_sources=0)
+
+
+def test_float32_reconstruction_edges_reuse_jacobians_when_only_rounding_is_dropped(monkeypatch):
+    """reuse_rtol scales with the dtype (issue 11, item 5): in float32 the null direction of rank-3
+    inputs holds only rounding, so f C C⁺ differs from f by ~1e-8 relative, not a different point; with
+    a fixed 1e-10 the tanh section's VJPs there (different by float32 rounding) forced recomputation."""
+    import lib_lightning.core.lib as lib_module
+
+    model, x = MLP(seed=8, act=nn.Tanh), mlp_inputs()
+    x[:, 3] = x[:, 0] - 0.5 * x[:, 1]  # (300, 4) of rank 3
+    calls, real = [], lib_module.integrated_jacobian
+
+    def spy(model_, layer_in, layer_out, inputs, *args, **kwargs):
+        calls.append((layer_in.name, inputs.shape[0]))
+        return real(model_, layer_in, layer_out, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(lib_module, "integrated_jacobian", spy)
+    kwargs = dict(kinds=("lib",), abs_threshold=1e-8, edge_point="reconstruction", chunk_size=len(x))
+    lib = build_graphs(model, LAYERS, [x], dtype=torch.float32, **kwargs)["lib"]
+    assert lib.dims[0] == 4  # the constant and three directions: the rounding-only one is dropped
+    assert calls == [("h1", len(x)), ("h0", len(x)), ("inp", len(x))]  # no recomputation (14 examples before)
+    ref = build_graphs(model, LAYERS, [x], **kwargs)["lib"]
+    for a, b in zip(ref.edges, lib.edges):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5 * float(a.max()))
+    assert lib_module.default_reuse_rtol(torch.float64) == 1e-10
+    assert lib_module.default_reuse_rtol(torch.float32) == pytest.approx(1.19e-4, rel=1e-2)
+
+
+def test_a_layer_that_keeps_no_feature_gives_empty_edges_not_an_error():
+    """Uncentred, a layer whose downstream ignores it has no LIB feature at all (no constant is kept):
+    its edges are (k_out, 0) and (0, k_in) matrices (found by the property tests: a reshape of 0 elements)."""
+    model, x = MLP(), mlp_inputs(n=40)
+    with torch.no_grad():
+        model.l2.weight.zero_()  # the output ignores h1, hence everything before it
+    lib = build_graphs(model, LAYERS, [x], kinds=("lib",), center=False)["lib"]
+    assert lib.dims == [0, 0, 0, 3]
+    assert [tuple(e.shape) for e in lib.edges] == [(0, 0), (0, 0), (3, 0)]
+    from lib_lightning.core.summary import summarise
+
+    metrics = summarise({"lib": lib}).metrics
+    assert metrics["lib/h1/dim_abs"] == 0 and metrics["edges/h1->out/lib_n99"] == 0

@@ -164,3 +164,11 @@ def test_leiden_without_backend_says_what_works():
             find_communities(_two_cliques(1.0), method="leiden")
     else:
         assert find_communities(_two_cliques(1.0), method="leiden").n_nonsingleton == 2
+
+
+def test_exclude_constant_per_layer_keeps_an_uncentred_layers_feature_zero():
+    graph = interaction_graph([E_AB], ["a", "b"], weighting="sqrt", exclude_constant=[False, True])
+    assert ("a", 0) in graph.nodes and ("b", 0) not in graph.nodes
+    assert all(node != ("b", 0) for edge in graph.edges for node in edge)
+    with pytest.raises(ValueError, match=r"exclude_constant must be a bool or 2 bools \(one per layer\)"):
+        interaction_graph([E_AB], ["a", "b"], exclude_constant=[True])

@@ -90,3 +90,10 @@ def test_n_to_hold_ignores_order_and_handles_ties():
 def test_bad_input(edges, kwargs, match):
     with pytest.raises(ValueError, match=match):
         edge_sparsity(edges, **kwargs)
+
+
+def test_exclude_constant_per_side_drops_only_the_constant_row_or_column():
+    edges = torch.arange(12, dtype=torch.float64).reshape(3, 4)  # (k_out, k_in)
+    assert edge_sparsity(edges, exclude_constant=(True, False)).shape == (2, 4)
+    assert edge_sparsity(edges, exclude_constant=(False, True)).shape == (3, 3)
+    assert edge_sparsity(edges, exclude_constant=(False, False)) == edge_sparsity(edges, exclude_constant=False)
