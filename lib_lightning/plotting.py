@@ -23,7 +23,6 @@ from lib_lightning.core.modularity import Communities
 from lib_lightning.core.summary import short_names
 
 __all__ = [
-    "add_community_legend",
     "figure_to_array",
     "plot_edge_ablation",
     "plot_interaction_graph",
@@ -83,25 +82,87 @@ def plot_interaction_graph(
     layer_order: Sequence[str] | None = None,
     max_nodes_per_layer: int = 40,
     labels: Mapping[Hashable, str] | None = None,
+    min_weight: float = 0.0,
+    community_labels: Mapping[int, str] | None = None,
+    title: str = "",
 ) -> Figure:
-    """Features in columns by node layer (left to right), rows by feature index, edges by weight.
+    """Features in columns by node layer (left to right), grouped by community, edges by weight.
+
+    Only features that carry an edge of weight above ``min_weight`` are drawn; below each column a line
+    counts the rest. Within a column, features are ordered by community (largest community first, each
+    block separated by a gap, then features in no community), and by feature index inside a community.
+    Nodes and the edges inside a community take its colour; a legend names the communities.
 
     Args:
         graph: an interaction graph (see ``interaction_graph``): nodes with ``layer`` and ``feature``
             attributes (else nodes ``(layer, feature)``), edges with ``weight``.
-        communities: a :class:`Communities` or node -> community id; nodes of communities with >= 2
-            members get a colour per community, singletons and unassigned nodes grey.
+        communities: a :class:`Communities` or node -> community id (a lower id for a larger community);
+            communities with >= 2 members get a colour, singletons and unassigned nodes grey.
         layer_order: node layers left to right; default by the ``layer_index`` attribute, else first
             appearance.
-        max_nodes_per_layer: show the first (most important) features of each layer only; >= 1.
+        max_nodes_per_layer: draw at most this many features per layer (in the order above); >= 1.
         labels: optional node -> text drawn beside the node.
+        min_weight: the plotted threshold: edges of weight <= ``min_weight`` are not drawn.
+        community_labels: optional community id -> legend text (default: its size).
+        title: figure title.
 
     Raises:
-        ValueError: for ``max_nodes_per_layer < 1`` or a ``layer_order`` naming unknown layers (listing
-            the available ones).
+        ValueError: for ``max_nodes_per_layer < 1``, a negative ``min_weight`` or a ``layer_order``
+            naming unknown layers (listing the available ones).
     """
     if isinstance(max_nodes_per_layer, bool) or not isinstance(max_nodes_per_layer, int) or max_nodes_per_layer < 1:
         raise ValueError(f"max_nodes_per_layer must be an int >= 1, got {max_nodes_per_layer!r}")
+    if not min_weight >= 0:
+        raise ValueError(f"min_weight must be >= 0, got {min_weight!r}")
+    by_layer, layer_order = _layers(graph, layer_order)
+    membership = communities.membership if isinstance(communities, Communities) else dict(communities or {})
+    grouped = _grouped(membership)
+    edges = [(u, v, w) for u, v, w in graph.edges(data="weight", default=1.0) if w > min_weight]
+    carrying = {n for u, v, _ in edges for n in (u, v)}
+    position, hidden = {}, {}
+    for column, layer in enumerate(layer_order):
+        shown = [node for _, node in sorted(by_layer[layer], key=lambda pair: pair[0]) if node in carrying]
+        shown.sort(key=lambda node: grouped.get(membership.get(node), len(grouped)))  # stable: feature order kept
+        shown = shown[:max_nodes_per_layer]
+        hidden[layer] = len(by_layer[layer]) - len(shown)
+        y, block = 0.0, None
+        for node in shown:
+            key = grouped.get(membership.get(node))
+            if block is not None and key != block:
+                y -= 0.8  # a gap between community blocks
+            block = key
+            position[node] = (float(column), y)
+            y -= 1.0
+    ys = [y for _, y in position.values()] or [0.0]
+    fig = Figure(figsize=(2.5 + 2.2 * len(layer_order), 2.2 + 0.15 * (1.0 - min(ys))), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.set_axis_off()
+    _draw_edges(ax, [(u, v, w) for u, v, w in edges if u in position and v in position], position, membership, grouped)
+    nodes = list(position)
+    if nodes:
+        xy = np.array([position[n] for n in nodes])
+        ax.scatter(xy[:, 0], xy[:, 1], c=_node_colours(nodes, membership), s=25, edgecolors="black", linewidths=0.3, zorder=2)
+    bottom = min(ys) - 1.0
+    for column, layer in enumerate(layer_order):
+        ax.text(column, 0.7, layer, ha="center", va="bottom", fontsize="small")
+        if hidden[layer]:
+            ax.text(column, bottom, f"+ {hidden[layer]} features\nwithout edges drawn", ha="center", va="top",
+                    fontsize="x-small", color="0.4")
+    for node, text in (labels or {}).items():
+        if node in position:
+            x, y = position[node]
+            ax.text(x + 0.06, y, str(text), va="center", fontsize=6, zorder=3)
+    ax.set_xlim(-0.5, max(len(layer_order), 1) - 0.5)
+    ax.set_ylim(bottom - 1.6, 1.6)
+    _community_legend(fig, membership, grouped, community_labels)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def _layers(graph: nx.Graph, layer_order: Sequence[str] | None) -> tuple[dict[str, list], list[str]]:
+    """Layer -> [(feature, node)] and the layers left to right (checked against the graph)."""
     by_layer: dict[str, list[tuple[int, Hashable]]] = {}
     layer_index: dict[str, float] = {}
     for node, data in graph.nodes(data=True):
@@ -114,52 +175,59 @@ def plot_interaction_graph(
     unknown = [name for name in layer_order if name not in by_layer]
     if unknown:
         raise ValueError(f"layer_order names unknown layers {unknown}; the graph has {list(by_layer)}")
-
-    position: dict[Hashable, tuple[float, float]] = {}
-    for column, layer in enumerate(layer_order):
-        for row, (_, node) in enumerate(sorted(by_layer[layer], key=lambda pair: pair[0])[:max_nodes_per_layer]):
-            position[node] = (float(column), -float(row))
-
-    n_rows = max((min(len(by_layer[layer]), max_nodes_per_layer) for layer in layer_order), default=1)
-    fig = Figure(figsize=(2.5 + 2.0 * len(layer_order), 1.5 + 0.15 * n_rows))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.set_axis_off()
-    shown = [(u, v, w) for u, v, w in graph.edges(data="weight", default=1.0) if u in position and v in position]
-    if shown:
-        top = max(w for _, _, w in shown) or 1.0
-        segments = [(position[u], position[v]) for u, v, _ in shown]
-        widths = [0.2 + 2.8 * w / top for _, _, w in shown]
-        ax.add_collection(LineCollection(segments, linewidths=widths, colors="0.35", alpha=0.45, zorder=1))
-
-    nodes = list(position)
-    colours = _node_colours(nodes, communities)
-    if nodes:
-        xy = np.array([position[n] for n in nodes])
-        ax.scatter(xy[:, 0], xy[:, 1], c=colours, s=25, edgecolors="black", linewidths=0.3, zorder=2)
-        ax.set_ylim(xy[:, 1].min() - 1.0, 1.0)
-    for column, layer in enumerate(layer_order):
-        ax.text(column, 0.7, layer, ha="center", va="bottom", fontsize="small")
-    for node, text in (labels or {}).items():
-        if node in position:
-            x, y = position[node]
-            ax.text(x + 0.06, y, str(text), va="center", fontsize=6, zorder=3)
-    ax.set_xlim(-0.5, max(len(layer_order), 1) - 0.5)
-    return fig
+    return by_layer, list(layer_order)
 
 
-def _node_colours(nodes: list, communities: Communities | Mapping[Hashable, int] | None) -> list:
-    """A distinct colour per community with >= 2 members (counted over the whole graph), grey otherwise."""
-    membership = communities.membership if isinstance(communities, Communities) else (communities or {})
+def _grouped(membership: Mapping[Hashable, int]) -> dict[int, int]:
+    """Community id -> its rank among the communities of >= 2 members (largest first, ties: lower id)."""
     sizes: dict[int, int] = {}
     for community in membership.values():
         sizes[community] = sizes.get(community, 0) + 1
-    palette = list(colormaps["tab10"].colors) + list(colormaps["tab20b"].colors)
-    out = []
-    for node in nodes:
-        community = membership.get(node)
-        out.append(palette[community % len(palette)] if community is not None and sizes[community] >= 2 else _GREY)
-    return out
+    ranked = sorted((c for c, n in sizes.items() if n >= 2), key=lambda c: (-sizes[c], c))
+    return {c: rank for rank, c in enumerate(ranked)}
+
+
+def _draw_edges(ax, edges: list, position: dict, membership: Mapping, grouped: Mapping[int, int]) -> None:
+    """Edges by weight: inside a community in its colour, between communities grey."""
+    if not edges:
+        return
+    top = max(w for _, _, w in edges) or 1.0
+    palette = _palette()
+    colours = []
+    for u, v, _ in edges:
+        cu, cv = membership.get(u), membership.get(v)
+        colours.append(palette[cu % len(palette)] if cu == cv and cu in grouped else (0.35, 0.35, 0.35))
+    segments = [(position[u], position[v]) for u, v, _ in edges]
+    widths = [0.2 + 2.8 * w / top for _, _, w in edges]
+    ax.add_collection(LineCollection(segments, linewidths=widths, colors=colours, alpha=0.45, zorder=1))
+
+
+def _community_legend(fig: Figure, membership: Mapping, grouped: Mapping[int, int], names: Mapping[int, str] | None) -> None:
+    """A legend below the figure: each community's colour and its label (default: its size)."""
+    if not grouped:
+        return
+    sizes: dict[int, int] = {}
+    for community in membership.values():
+        sizes[community] = sizes.get(community, 0) + 1
+    palette = _palette()
+    handles = [
+        Line2D([], [], marker="o", linestyle="", color=palette[c % len(palette)],
+               label=(names or {}).get(c, f"community {rank + 1}: {sizes[c]} features"))
+        for c, rank in sorted(grouped.items(), key=lambda item: item[1])
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(3, len(handles)), fontsize="small",
+               frameon=False, title="communities (grey: in none)")
+
+
+def _palette() -> list:
+    return list(colormaps["tab10"].colors) + list(colormaps["tab20b"].colors)
+
+
+def _node_colours(nodes: list, membership: Mapping[Hashable, int]) -> list:
+    """A distinct colour per community with >= 2 members (counted over the whole graph), grey otherwise."""
+    grouped = _grouped(membership)
+    palette = _palette()
+    return [palette[membership[n] % len(palette)] if membership.get(n) in grouped else _GREY for n in nodes]
 
 
 def figure_to_array(fig: Figure) -> np.ndarray:
@@ -224,18 +292,6 @@ def plot_edge_ablation(results: Mapping[str, Sequence[Any]]) -> Figure:
         ax.legend(fontsize="x-small", title="edges required", title_fontsize="x-small")
     axes[0].set_ylabel("accuracy (held out)")
     return fig
-
-
-def add_community_legend(fig: Figure, communities: Sequence[Mapping[str, Any]]) -> None:
-    """A legend below the figure: each community's colour (as in ``plot_interaction_graph``), its dominant
-    frequency and purity (the ``communities`` entries of ``analyze``'s Fourier results)."""
-
-    palette = list(colormaps["tab10"].colors) + list(colormaps["tab20b"].colors)
-    handles = [Line2D([], [], marker="o", linestyle="", color=palette[c["community"] % len(palette)],
-                      label=f"k = {c['frequency']}, purity {c['purity']:.2f} ({c['size']} features)")
-               for c in communities]
-    fig.legend(handles=handles, loc="lower center", ncol=min(3, len(handles)), fontsize="small", frameon=False,
-               title="LIB communities: dominant frequency")
 
 
 def plot_calibration(table: LLCCalibration) -> Figure:
