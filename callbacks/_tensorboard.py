@@ -27,9 +27,6 @@ from lib_lightning.tensorboard import (
 
 __all__ = ["callback_settings", "log_lib_figures", "tensorboards", "write_overview", "write_text"]
 
-_MODEL_METRICS = ("val/acc", "val/loss")
-
-
 def tensorboards(trainer: L.Trainer) -> list:
     """The trainer's loggers' SummaryWriters (anything with ``add_image`` and ``add_histogram``)."""
     writers = [getattr(logger, "experiment", None) for logger in trainer.loggers]
@@ -121,9 +118,8 @@ def _lib_layout(callback: Any) -> tuple[dict, list[str]]:
     layout = merge_layouts([layer_categories(rotated, callback.kinds)])
     if callback.options.sparsity:
         layout = merge_layouts([layout, section_categories(names, callback.kinds)])
-    metrics = [f"lib/{name}/dim_rel" for name in rotated] if "lib" in callback.kinds else []
-    if callback.options.modularity and "lib" in callback.kinds:
-        metrics.append("graph/modularity")
+    metrics = ["graph/modularity"] if callback.options.modularity and "lib" in callback.kinds else []
+    metrics += [f"lib/{name}/dim_rel" for name in rotated] if "lib" in callback.kinds else []
     return layout, metrics
 
 
@@ -144,8 +140,9 @@ def write_overview(trainer: L.Trainer, pl_module: L.LightningModule, caller: Any
         llc="llc" in roles, progress="progress" in roles,
     )
     layout = merge_layouts([overview] + [part for part, _ in parts])
-    metrics = list(_MODEL_METRICS) + [m for _, ms in parts for m in ms]
-    metrics += ["llc/mean"] * ("llc" in roles) + ["progress/restricted_loss", "progress/excluded_loss"] * ("progress" in roles)
+    # The HParams table shows the first five metric columns until the user ticks more: these come first.
+    metrics = ["val/acc"] + [m for _, ms in parts for m in ms] + ["llc/mean"] * ("llc" in roles)
+    metrics += ["progress/restricted_loss", "progress/excluded_loss"] * ("progress" in roles) + ["val/loss"]
     hparams = _module_hparams(trainer, pl_module)
     seen: dict[str, int] = {}
     for cb, _ in attached:
