@@ -88,10 +88,12 @@ def plot_interaction_graph(
 ) -> Figure:
     """Features in columns by node layer (left to right), grouped by community, edges by weight.
 
-    Only features that carry an edge of weight above ``min_weight`` are drawn; below each column a line
-    counts the rest. Within a column, features are ordered by community (largest community first, each
-    block separated by a gap, then features in no community), and by feature index inside a community.
-    Nodes and the edges inside a community take its colour; a legend names the communities.
+    Only features that carry an edge of weight above ``min_weight`` are drawn, at most
+    ``max_nodes_per_layer`` per layer (the lowest feature indices: the most important in a LIB or PCA
+    basis); lines below each column count the rest. Within a column, features are ordered by community
+    (largest community first, each block separated by a gap, then features in no community), and by
+    feature index inside a community. Nodes and the edges inside a community take its colour, weak edges
+    fade, and a legend names the communities.
 
     Args:
         graph: an interaction graph (see ``interaction_graph``): nodes with ``layer`` and ``feature``
@@ -100,7 +102,7 @@ def plot_interaction_graph(
             communities with >= 2 members get a colour, singletons and unassigned nodes grey.
         layer_order: node layers left to right; default by the ``layer_index`` attribute, else first
             appearance.
-        max_nodes_per_layer: draw at most this many features per layer (in the order above); >= 1.
+        max_nodes_per_layer: draw at most this many features per layer; >= 1.
         labels: optional node -> text drawn beside the node.
         min_weight: the plotted threshold: edges of weight <= ``min_weight`` are not drawn.
         community_labels: optional community id -> legend text (default: its size).
@@ -119,12 +121,13 @@ def plot_interaction_graph(
     grouped = _grouped(membership)
     edges = [(u, v, w) for u, v, w in graph.edges(data="weight", default=1.0) if w > min_weight]
     carrying = {n for u, v, _ in edges for n in (u, v)}
-    position, hidden = {}, {}
+    position, notes = {}, {}
     for column, layer in enumerate(layer_order):
-        shown = [node for _, node in sorted(by_layer[layer], key=lambda pair: pair[0]) if node in carrying]
+        with_edges = [node for _, node in sorted(by_layer[layer], key=lambda pair: pair[0]) if node in carrying]
+        shown = with_edges[:max_nodes_per_layer]  # the most important (lowest-index) features that carry edges
         shown.sort(key=lambda node: grouped.get(membership.get(node), len(grouped)))  # stable: feature order kept
-        shown = shown[:max_nodes_per_layer]
-        hidden[layer] = len(by_layer[layer]) - len(shown)
+        notes[layer] = _hidden_note(len(with_edges) - len(shown), len(by_layer[layer]) - len(with_edges),
+                                    max_nodes_per_layer, min_weight)
         y, block = 0.0, None
         for node in shown:
             key = grouped.get(membership.get(node))
@@ -146,9 +149,8 @@ def plot_interaction_graph(
     bottom = min(ys) - 1.0
     for column, layer in enumerate(layer_order):
         ax.text(column, 0.7, layer, ha="center", va="bottom", fontsize="small")
-        if hidden[layer]:
-            ax.text(column, bottom, f"+ {hidden[layer]} features\nwithout edges drawn", ha="center", va="top",
-                    fontsize="x-small", color="0.4")
+        if notes[layer]:
+            ax.text(column, bottom, notes[layer], ha="center", va="top", fontsize="x-small", color="0.4")
     for node, text in (labels or {}).items():
         if node in position:
             x, y = position[node]
@@ -178,6 +180,14 @@ def _layers(graph: nx.Graph, layer_order: Sequence[str] | None) -> tuple[dict[st
     return by_layer, list(layer_order)
 
 
+def _hidden_note(cut: int, edgeless: int, cap: int, min_weight: float) -> str:
+    """The line under a column: features with edges beyond the cap, and features without a drawn edge."""
+    lines = [f"+ {cut} more with edges (first {cap} drawn)"] if cut else []
+    if edgeless:
+        lines.append(f"+ {edgeless} without edges" + (f" > {min_weight:g}" if min_weight > 0 else ""))
+    return "\n".join(lines)
+
+
 def _grouped(membership: Mapping[Hashable, int]) -> dict[int, int]:
     """Community id -> its rank among the communities of >= 2 members (largest first, ties: lower id)."""
     sizes: dict[int, int] = {}
@@ -191,15 +201,17 @@ def _draw_edges(ax, edges: list, position: dict, membership: Mapping, grouped: M
     """Edges by weight: inside a community in its colour, between communities grey."""
     if not edges:
         return
+    edges = sorted(edges, key=lambda edge: edge[2])  # strongest drawn last, on top
     top = max(w for _, _, w in edges) or 1.0
     palette = _palette()
     colours = []
-    for u, v, _ in edges:
+    for u, v, w in edges:  # weak edges fade, so that a dense graph still shows its strong ones
         cu, cv = membership.get(u), membership.get(v)
-        colours.append(palette[cu % len(palette)] if cu == cv and cu in grouped else (0.35, 0.35, 0.35))
+        rgb = palette[cu % len(palette)] if cu == cv and cu in grouped else (0.35, 0.35, 0.35)
+        colours.append((*rgb[:3], 0.08 + 0.6 * w / top))
     segments = [(position[u], position[v]) for u, v, _ in edges]
     widths = [0.2 + 2.8 * w / top for _, _, w in edges]
-    ax.add_collection(LineCollection(segments, linewidths=widths, colors=colours, alpha=0.45, zorder=1))
+    ax.add_collection(LineCollection(segments, linewidths=widths, colors=colours, zorder=1))
 
 
 def _community_legend(fig: Figure, membership: Mapping, grouped: Mapping[int, int], names: Mapping[int, str] | None) -> None:

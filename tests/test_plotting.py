@@ -98,7 +98,9 @@ def test_plot_interaction_graph_groups_features_by_community_and_counts_the_rest
     column_a = sorted((name for name in rows if name.startswith("a")), key=lambda name: -rows[name])
     assert column_a == ["a1", "a3", "a5", "a2", "a4"]
     assert rows["a3"] - rows["a5"] == pytest.approx(1.0) and rows["a5"] - rows["a2"] == pytest.approx(1.8)  # a gap between modules
-    assert [t.get_text().split("\n")[0] for t in ax.texts if "without edges" in t.get_text()] == ["+ 2 features", "+ 3 features", "+ 1 features"]
+    assert [t.get_text() for t in ax.texts if "without edges" in t.get_text()] == [
+        "+ 2 without edges", "+ 3 without edges", "+ 1 without edges"
+    ]
     (legend,) = fig.legends
     assert [t.get_text() for t in legend.get_texts()] == ["community 1: 9 features", "community 2: 6 features"]
     assert fig._suptitle.get_text() == "step 7"
@@ -114,5 +116,15 @@ def test_plot_interaction_graph_threshold_hides_weak_edges_and_their_features():
     shown = len(fig.axes[0].collections[-1].get_offsets())
     assert 0 < shown < 15
     assert not fig.legends  # no communities given: nothing to name
+    assert any(t.get_text().endswith(f"without edges > {(weakest + strongest) / 2:g}") for t in fig.axes[0].texts)
+
+
+def test_plot_interaction_graph_cap_keeps_the_most_important_features_and_says_so():
+    graph = _modules_graph()
+    fig = plot_interaction_graph(graph, find_communities(graph, seed=0), max_nodes_per_layer=2,
+                                 labels={node: f"{node[0]}{node[1]}" for node in graph.nodes})
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert {"a1", "a2", "b1", "b2", "c1", "c2"} <= set(texts) and "a3" not in texts
+    assert "+ 3 more with edges (first 2 drawn)\n+ 2 without edges" in texts  # layer a: 5 carry edges, 2 none
     with pytest.raises(ValueError, match=r"min_weight must be >= 0, got -1"):
         plot_interaction_graph(graph, min_weight=-1)
