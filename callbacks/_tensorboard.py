@@ -137,6 +137,7 @@ def write_overview(trainer: L.Trainer, pl_module: L.LightningModule, caller: Any
     parts = [_lib_layout(cb) for cb in lib]
     overview = overview_category(
         lib=any("lib" in cb.kinds for cb in lib), modularity=any(m == "graph/modularity" for _, ms in parts for m in ms),
+        edge_ratio=any({"lib", "pca"} <= set(cb.kinds) and cb.options.sparsity for cb in lib),
         llc="llc" in roles, progress="progress" in roles,
     )
     layout = merge_layouts([overview] + [part for part, _ in parts])

@@ -79,12 +79,15 @@ def section_categories(layers: Sequence[str], kinds: Sequence[str]) -> Layout:
     return out
 
 
-def overview_category(*, lib: bool = False, modularity: bool = False, llc: bool = False, progress: bool = False) -> Layout:
+def overview_category(
+    *, lib: bool = False, modularity: bool = False, edge_ratio: bool = False, llc: bool = False, progress: bool = False
+) -> Layout:
     """The overview: the model's accuracy and loss, then what each attached analysis adds.
 
     Args:
         lib: a LIB analysis with the ``lib`` kind runs: the LIB dimension of every layer on one chart.
         modularity: it computes modularity.
+        edge_ratio: it compares LIB and PCA edges: the n99 ratio LIB / PCA of every section on one chart.
         llc: an LLC callback runs (``llc/mean`` and any per-section ``llc/<section>/mean``).
         progress: the progress-measures callback runs (restricted / excluded loss).
     """
@@ -93,6 +96,8 @@ def overview_category(*, lib: bool = False, modularity: bool = False, llc: bool 
         charts["modularity Q of the LIB interaction graph"] = _chart([exact("graph/modularity")])
     if lib:
         charts["LIB dimension dim_rel, every layer"] = _chart([r"lib/[^/]+/dim_rel$"])
+    if edge_ratio:
+        charts["edges n99 ratio LIB / PCA, every section (below 1: LIB sparser)"] = _chart([r"edges/[^/]+/lib_pca_ratio_n99$"])
     if llc:
         charts["LLC (mean over chains)"] = _chart([exact("llc/mean"), r"llc/.+/mean$"])
     if progress:

@@ -42,7 +42,10 @@ def test_layer_and_section_categories_put_every_kind_on_one_chart():
 
 def test_overview_has_only_the_attached_analyses_and_llc_per_section_keys():
     assert list(overview_category()["overview"]) == ["accuracy (train / val)", "loss (train / val)"]
-    full = overview_category(lib=True, modularity=True, llc=True, progress=True)["overview"]
+    full = overview_category(lib=True, modularity=True, edge_ratio=True, llc=True, progress=True)["overview"]
+    ratio = full["edges n99 ratio LIB / PCA, every section (below 1: LIB sparser)"][1]
+    tags = ["edges/pre->mid/lib_pca_ratio_n99", "edges/mid->out/lib_pca_ratio_n99", "edges/mid->out/lib_n99"]
+    assert [t for t in tags if any(re.match(r, t) for r in ratio)] == tags[:2]
     llc = full["LLC (mean over chains)"][1]
     tags = ["llc/mean", "llc/attn/mean", "llc/attn/std", "llc/std", "llc/mean_x"]
     assert [t for t in tags if any(re.match(r, t) for r in llc)] == ["llc/mean", "llc/attn/mean"]

@@ -72,6 +72,7 @@ def test_modadd_run_has_layout_hparams_and_key_frequency_text(tmp_path):
     overview = layout["overview"]
     assert _matches(overview["accuracy (train / val)"], scalars) >= {"train/acc", "val/acc"}
     assert _matches(overview["modularity Q of the LIB interaction graph"], scalars) == {"graph/modularity"}
+    assert len(_matches(overview["edges n99 ratio LIB / PCA, every section (below 1: LIB sparser)"], scalars)) == 3
     assert _matches(overview["LLC (mean over chains)"], scalars) == {"llc/mean"}
     assert _matches(overview["restricted / excluded loss"], scalars) == {"progress/restricted_loss", "progress/excluded_loss"}
     # LIB and PCA on one chart per node layer (the logits have no basis) and per section
