@@ -81,13 +81,19 @@ def _role(callback: Any) -> str | None:
     return None
 
 
+# Arguments kept under another name: the LIB callback's kept-dimension thresholds (its own abs_threshold
+# and rel_threshold truncate the bases) and the fixed key frequencies of ProgressMeasures.
+_KEPT_AS = {"dim_abs_threshold": "options.abs_threshold", "dim_rel_threshold": "options.rel_threshold",
+            "key_frequencies": "fixed"}
+
+
 def callback_settings(callback: Any) -> dict[str, Any]:
     """A callback's constructor arguments as it kept them, by name.
 
     Each argument of the ``__init__`` of the callback's classes is read from a same-named attribute, else
     from the callback's ``build_kwargs`` or ``options`` (the LIB callback's basis and summary settings);
-    the LIB callback's schedule argument is its ``every``. Callables, None and arguments kept under
-    another name are left out.
+    the LIB callback's schedule argument is its ``every``, and the arguments in ``_KEPT_AS`` are read where
+    those callbacks keep them. Callables, None and arguments kept under another name are left out.
     """
     sources = [vars(callback), getattr(callback, "build_kwargs", None) or {}]
     options = getattr(callback, "options", None)
@@ -105,7 +111,11 @@ def callback_settings(callback: Any) -> dict[str, Any]:
         if getattr(callback, "schedule", None) == name and hasattr(callback, "every"):
             out[name] = callback.every
             continue
-        value = next((source[name] for source in sources if name in source), None)
+        if name in _KEPT_AS:
+            owner, _, attribute = _KEPT_AS[name].rpartition(".")
+            value = getattr(getattr(callback, owner, None) if owner else callback, attribute, None)
+        else:
+            value = next((source[name] for source in sources if name in source), None)
         if value is not None and not callable(value) and name != "name":
             out[name] = [getattr(v, "name", v) for v in value] if isinstance(value, (list, tuple)) else value
     return out

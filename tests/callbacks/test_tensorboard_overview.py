@@ -123,11 +123,15 @@ def test_only_a_lib_callback_on_a_foreign_module(tmp_path):
 
 def test_callback_settings_reads_each_argument_where_the_callback_kept_it():
     cb = LIBAnalysis(MODADD_LAYERS, log_steps=7, size=50, rule="gauss-legendre", n_intervals=3, resolution=0.5,
-                     forward="lib_lightning.core.capture:default_forward", name="a")
+                     forward="lib_lightning.core.capture:default_forward", name="a", abs_threshold=1e-9,
+                     dim_abs_threshold=1e-8, dim_rel_threshold=1e-2)
     settings = callback_settings(cb)
+    assert (settings["abs_threshold"], settings["dim_abs_threshold"], settings["dim_rel_threshold"]) == (1e-9, 1e-8, 1e-2)
     assert settings["log_steps"] == 7 and "every_n_steps" not in settings
     assert settings["layers"] == MODADD_LAYERS and settings["size"] == 50
     assert (settings["rule"], settings["n_intervals"], settings["resolution"]) == ("gauss-legendre", 3, 0.5)
     assert "forward" not in settings and "threads" not in settings and "name" not in settings
     llc = callback_settings(LLCCallback(schedule="every", every_n_steps=5, epsilon=1e-4))
     assert (llc["schedule"], llc["every_n_steps"], llc["epsilon"]) == ("every", 5, 1e-4)
+    assert callback_settings(ProgressMeasures(key_frequencies=[3, 1]))["key_frequencies"] == [3, 1]
+    assert "key_frequencies" not in callback_settings(ProgressMeasures())
