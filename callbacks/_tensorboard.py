@@ -23,6 +23,7 @@ from lib_lightning.tensorboard import (
     merge_layouts,
     overview_category,
     section_categories,
+    summary_markdown,
 )
 
 __all__ = ["callback_settings", "log_lib_figures", "tensorboards", "write_overview", "write_text"]
@@ -55,7 +56,7 @@ def log_lib_figures(writers: list, names: list[str], graphs, summary, step: int,
         if summary.graph is not None and summary.graph.number_of_edges():
             fig = plot_interaction_graph(summary.graph, summary.communities, title=f"LIB interaction graph, step {step}")
             pictures["graph/interaction"] = figure_to_array(fig)
-    text = "\n".join(f"- {k}: {v:.4g}" for k, v in sorted(summary.metrics.items()) if "/dim_" in k or k.startswith("graph/"))
+    text = summary_markdown(summary.metrics, names, list(graphs))
     for writer in writers:
         if histograms:
             for name, per_kind in spectra.items():

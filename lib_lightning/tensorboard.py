@@ -25,6 +25,7 @@ __all__ = [
     "merge_layouts",
     "overview_category",
     "section_categories",
+    "summary_markdown",
 ]
 
 Layout = dict[str, dict[str, list]]
@@ -103,6 +104,29 @@ def overview_category(
     if progress:
         charts["restricted / excluded loss"] = _chart([exact("progress/restricted_loss"), exact("progress/excluded_loss")])
     return {OVERVIEW: charts}
+
+
+def summary_markdown(metrics: Mapping[str, float], layers: Sequence[str], kinds: Sequence[str]) -> str:
+    """One analysis as markdown tables, each kind side by side: kept dimension and n99 per node layer, edges
+    holding 99 % of the weight per section, then the graph's modularity and communities. A missing value
+    (a layer without a basis, a part switched off) is a dash."""
+
+    def cell(key: str) -> str:
+        return f"{metrics[key]:.4g}" if key in metrics else "–"
+
+    def table(header: str, rows: Sequence[str], columns: Sequence[tuple[str, str]]) -> list[str]:
+        lines = ["| " + " | ".join([header] + [title for title, _ in columns]) + " |", "|---" * (len(columns) + 1) + "|"]
+        return lines + ["| " + " | ".join([row] + [cell(key.format(row=row)) for _, key in columns]) + " |" for row in rows]
+
+    columns = [(f"{kind} {q}", f"{kind}/{{row}}/{q}") for q in ("dim_rel", "n99") for kind in kinds]
+    lines = table("node layer", layers, columns)
+    sections = [f"{a}->{b}" for a, b in zip(layers[:-1], layers[1:])]
+    if any(f"edges/{s}/{kinds[0]}_n99" in metrics for s in sections):
+        lines += [""] + table("section", sections, [(f"{kind} edges n99", f"edges/{{row}}/{kind}_n99") for kind in kinds])
+    graph = [f"{name} {cell('graph/' + key)}" for key, name in
+             (("modularity", "modularity"), ("n_communities", "communities"), ("largest_community", "largest"),
+              ("community_ari", "ARI with the previous analysis")) if f"graph/{key}" in metrics]
+    return "\n".join(lines + ([""] + [", ".join(graph)] if graph else []))
 
 
 def merge_layouts(layouts: Iterable[Layout]) -> Layout:

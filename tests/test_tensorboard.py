@@ -15,6 +15,7 @@ from lib_lightning.tensorboard import (
     merge_layouts,
     overview_category,
     section_categories,
+    summary_markdown,
 )
 
 
@@ -79,3 +80,22 @@ def test_flat_hparams_and_summaries():
     assert info.hparams["lr"].number_value == pytest.approx(1e-3)
     with pytest.raises(ValueError, match="metrics must name at least one scalar tag"):
         hparams_summaries(settings, [])
+
+
+def test_summary_markdown_puts_kinds_side_by_side():
+    metrics = {"lib/pre/dim_rel": 12.0, "pca/pre/dim_rel": 36.0, "lib/pre/n99": 20.0, "pca/pre/n99": 50.0,
+               "edges/pre->out/lib_n99": 56.0, "edges/pre->out/pca_n99": 102.0, "graph/modularity": 0.4213}
+    text = summary_markdown(metrics, ["pre", "out"], ["lib", "pca"])
+    assert text.splitlines() == [
+        "| node layer | lib dim_rel | pca dim_rel | lib n99 | pca n99 |",
+        "|---|---|---|---|---|",
+        "| pre | 12 | 36 | 20 | 50 |",
+        "| out | – | – | – | – |",
+        "",
+        "| section | lib edges n99 | pca edges n99 |",
+        "|---|---|---|",
+        "| pre->out | 56 | 102 |",
+        "",
+        "modularity 0.4213",
+    ]
+    assert summary_markdown({}, ["a", "b"], ["pca"]).splitlines()[2] == "| a | – | – |"  # nothing else: no sections, no graph
