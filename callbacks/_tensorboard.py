@@ -10,6 +10,7 @@ so this one carries the module's and datamodule's hyperparameters too.
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
@@ -169,7 +170,8 @@ def write_overview(trainer: L.Trainer, pl_module: L.LightningModule, caller: Any
 
 
 def _module_hparams(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-    """The hyperparameters Lightning itself logs for the run: the datamodule's and the module's, unprefixed."""
+    """The hyperparameters Lightning itself logs for the run (the datamodule's and the module's, unprefixed)
+    and the global seed of ``seed_everything``, which Lightning does not log."""
     hparams: dict[str, Any] = {}
     datamodule = trainer.datamodule
     if datamodule is not None and getattr(datamodule, "_log_hyperparams", False):
@@ -177,4 +179,6 @@ def _module_hparams(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[st
     if getattr(pl_module, "_log_hyperparams", False):
         hparams.update(pl_module.hparams_initial)
     hparams.pop("_class_path", None)
+    if os.environ.get("PL_GLOBAL_SEED", "").lstrip("-").isdigit():  # set by seed_everything: runs differ by it
+        hparams.setdefault("seed_everything", int(os.environ["PL_GLOBAL_SEED"]))
     return hparams

@@ -23,8 +23,8 @@ MODADD_LAYERS = ["model.hook_resid_pre", "model.hook_resid_mid", "model.hook_res
 SMALL = dict(p=23, d_model=32, n_heads=2, d_head=16, d_mlp=64, lr=1e-2)
 
 
-def _fit(root, callbacks, module, data, max_steps=4):
-    L.seed_everything(0)
+def _fit(root, callbacks, module, data, max_steps=4, seed=0):
+    L.seed_everything(seed)
     trainer = L.Trainer(
         max_steps=max_steps, default_root_dir=root, logger=TensorBoardLogger(root, name="run"), enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks, val_check_interval=2, log_every_n_steps=1,
@@ -106,7 +106,7 @@ def test_modadd_run_has_layout_hparams_and_key_frequency_text(tmp_path):
 def test_only_a_lib_callback_on_a_foreign_module(tmp_path):
     cb = LIBAnalysis(["encoder.0[in]", "encoder.1", "encoder.3", "head"], kinds=["lib"], every_n_steps=2, size=64,
                      batch_inputs="tests.callbacks.foreign:features_of", sparsity=False, images=False, histograms=False)
-    events = _fit(tmp_path, [cb], ForeignModule(), ForeignData())
+    events = _fit(tmp_path, [cb], ForeignModule(), ForeignData(), seed=3)
     layout = _layout(events)
     assert set(layout) == {"overview", "layer encoder.0[in]: lib", "layer encoder.1: lib", "layer encoder.3: lib"}
     assert set(layout["overview"]) == {"accuracy (train / val)", "loss (train / val)",
@@ -115,6 +115,7 @@ def test_only_a_lib_callback_on_a_foreign_module(tmp_path):
     assert _matches(n99, events.Tags()["scalars"]) == {"lib/encoder.0[in]/n99"}
     hparams, metrics = _hparams(events)
     assert hparams["LIBAnalysis/layers"] == "encoder.0[in], encoder.1, encoder.3, head"
+    assert hparams["seed_everything"] == 3 and "p" not in hparams  # the module saved no hyperparameters
     assert hparams["LIBAnalysis/sparsity"] == False  # noqa: E712 (a bool hparam is stored as a number)
     # TensorBoard shows the first five metric columns until more are ticked: accuracy, modularity, LIB dimension
     assert metrics == ["val/acc", "graph/modularity", "lib/encoder.0[in]/dim_rel", "lib/encoder.1/dim_rel",
