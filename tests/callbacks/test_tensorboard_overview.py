@@ -136,3 +136,15 @@ def test_callback_settings_reads_each_argument_where_the_callback_kept_it():
     assert (llc["schedule"], llc["every_n_steps"], llc["epsilon"]) == ("every", 5, 1e-4)
     assert callback_settings(ProgressMeasures(key_frequencies=[3, 1]))["key_frequencies"] == [3, 1]
     assert "key_frequencies" not in callback_settings(ProgressMeasures())
+
+
+def test_only_an_llc_callback_writes_the_overview(tmp_path):
+    llc = LLCCallback(schedule="every", every_n_steps=2, num_chains=2, num_draws=4, num_burnin=1, batch_size=32)
+    events = _fit(tmp_path, [llc], ModularAddition(**SMALL), ModularAdditionDataModule(p=23, train_fraction=0.5, steps_per_epoch=4))
+    layout = _layout(events)
+    assert set(layout) == {"overview"}
+    assert list(layout["overview"]) == ["accuracy (train / val)", "loss (train / val)", "LLC (mean over chains)"]
+    assert _matches(layout["overview"]["LLC (mean over chains)"], events.Tags()["scalars"]) == {"llc/mean"}
+    hparams, metrics = _hparams(events)
+    assert hparams["LLCCallback/num_draws"] == 4 and hparams["p"] == 23
+    assert metrics == ["val/acc", "llc/mean", "val/loss"]
