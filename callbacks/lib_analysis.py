@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from callbacks._tensorboard import log_lib_figures, tensorboards, write_overview
 from lib_lightning.core import batch as nested
 from lib_lightning.core.capture import NodeLayer, capture, default_forward, resolve_modules
 from lib_lightning.core.coactivation import relu_coactivation
@@ -28,7 +29,7 @@ from lib_lightning.core.integration import integration_rule
 from lib_lightning.core.graph import save_graphs
 from lib_lightning.core.lib import KINDS, build_graphs
 from lib_lightning.core.modes import analysis_mode
-from lib_lightning.core.summary import Snapshot, SummaryOptions, short_names, spectrum, summarise
+from lib_lightning.core.summary import Snapshot, SummaryOptions, short_names, summarise
 from lib_lightning.runtime import (
     default_batch_inputs,
     import_callable,
@@ -223,6 +224,9 @@ class LIBAnalysis(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         resolve_modules(pl_module, self.layers + self.relu_layers)  # unknown names list the available ones
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        write_overview(trainer, pl_module, self)  # layout and HParams of the run, by the first analysis callback
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.schedule == "log_steps":
@@ -474,41 +478,12 @@ class LIBAnalysis(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
 
-    def _tensorboards(self, trainer: L.Trainer) -> list:
-        writers = [getattr(lg, "experiment", None) for lg in trainer.loggers]
-        usable = [w for w in writers if hasattr(w, "add_image") and hasattr(w, "add_histogram")]
-        if not usable and (self.images or self.histograms) and trainer.loggers and not self._warned_images:
+    def _log_extras(self, trainer, graphs, summary, step: int) -> None:
+        writers = tensorboards(trainer)
+        if not writers and (self.images or self.histograms) and trainer.loggers and not self._warned_images:
             self._warned_images = True
             rank_zero_warn("LIBAnalysis: no logger can take images or histograms (TensorBoard can); logging scalars only")
-        return usable
-
-    def _log_extras(self, trainer, graphs, summary, step: int) -> None:
-        writers = self._tensorboards(trainer)
-        if not writers:
-            return
-        from lib_lightning.plotting import figure_to_array, plot_interaction_graph, plot_spectra
-
-        names = self._names
-        spectra = {}
-        for i, name in enumerate(names):
-            per_kind = {k: spectrum(g.layers[i]) for k, g in graphs.items() if g.layers[i].kind != "identity"}
-            if per_kind:
-                spectra[name] = per_kind
-        images = {}
-        if self.images:
-            images["lib/spectra"] = figure_to_array(plot_spectra(spectra, title=f"step {step}"))
-            if summary.graph is not None and summary.graph.number_of_edges():
-                images["graph/interaction"] = figure_to_array(plot_interaction_graph(summary.graph, summary.communities))
-        text = "\n".join(f"- {k}: {v:.4g}" for k, v in sorted(summary.metrics.items()) if "/dim_" in k or k.startswith("graph/"))
-        for writer in writers:
-            if self.histograms:
-                for name, per_kind in spectra.items():
-                    for kind, lam in per_kind.items():
-                        if lam.numel():
-                            writer.add_histogram(f"{kind}/{name}/log10_lambda", torch.log10(lam.clamp_min(1e-30)), step)
-            for tag, image in images.items():
-                writer.add_image(tag, image, step, dataformats="HWC")
-            writer.add_text("lib/summary", text, step)
+        log_lib_figures(writers, self._names, graphs, summary, step, self.images, self.histograms)
 
     def _write(self, write: Callable[[], None], what: str) -> None:
         """Runs a file write of the analysis; a failure (full disk) is counted in ``save_errors``, not raised."""

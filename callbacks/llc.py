@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
+from callbacks._tensorboard import write_overview
 from lib_lightning.core import batch as nested
 from lib_lightning.core.llc import default_nbeta, estimate_llc
 from lib_lightning.plotting import plot_traces
@@ -114,6 +115,9 @@ class LLCCallback(Callback):
         last = max(int(last), self.first_step)
         grid = np.geomspace(self.first_step, last, self.num_points)
         self._steps = {int(round(s)) for s in grid}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        write_overview(trainer, pl_module, self)  # layout and HParams of the run, by the first analysis callback
 
     def is_scheduled(self, step: int) -> bool:
         if self.schedule == "every":

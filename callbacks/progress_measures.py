@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from callbacks._tensorboard import write_overview, write_text
 from lib_lightning.core.capture import NodeLayer, default_forward, resolve_modules
 from lib_lightning.core.fourier import embedding_frequency_power, key_frequencies, logit_frequency_power
 from lib_lightning.core.progress import progress_measures
@@ -32,8 +33,9 @@ class ProgressMeasures(Callback):
     cos(k(a+b)), sin(k(a+b)) of the key frequencies k) and the rest. Logged at the training step (global
     rank zero): ``progress/restricted_loss`` (logits = mean + K(L), on every pair),
     ``progress/excluded_loss`` (logits = L − K(L), on the training pairs), ``progress/loss_all`` and
-    ``progress/loss_train`` (unablated, on the same sets), ``progress/n_key_frequencies`` and
-    ``progress/key_frequency_<i>`` (the i-th strongest key frequency).
+    ``progress/loss_train`` (unablated, on the same sets) and ``progress/n_key_frequencies``; the key
+    frequencies themselves, strongest first, go to a TensorBoard logger as one text entry per step,
+    ``progress/key_frequencies``, and into :attr:`history`.
 
     Key frequencies: fixed with ``key_frequencies`` (for example those of the final model, as Nanda et
     al. do), or found at each analysis from the current model: the frequencies with at least
@@ -126,6 +128,9 @@ class ProgressMeasures(Callback):
         elif self.source == "embedding":
             resolve_modules(pl_module, [NodeLayer(self.embedding)])  # an unknown name lists the available ones
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        write_overview(trainer, pl_module, self)  # layout and HParams of the run, by the first analysis callback
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.at_start and starts_fresh(trainer):
             self._maybe_measure(trainer, pl_module)
@@ -150,6 +155,7 @@ class ProgressMeasures(Callback):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
+        write_text(trainer, "progress/key_frequencies", self._frequency_text(frequencies), step)
         rank_zero_info(
             f"progress step {step}: restricted {metrics.get('progress/restricted_loss', float('nan')):.3g}, "
             f"excluded {metrics.get('progress/excluded_loss', float('nan')):.3g}, key frequencies {list(frequencies)}"
@@ -182,6 +188,12 @@ class ProgressMeasures(Callback):
                 "progress/loss_all": measures.loss_restricted_set,
                 "progress/loss_train": measures.loss_excluded_set,
             })
-        for i, k in enumerate(frequencies):
-            metrics[f"progress/key_frequency_{i}"] = float(k)
         return metrics, frequencies
+
+    def _frequency_text(self, frequencies: Sequence[int]) -> str:
+        """The key frequencies, strongest first, and how they were chosen (a TensorBoard text entry)."""
+        if self.fixed is not None:
+            how = "fixed by the key_frequencies argument"
+        else:
+            how = f"{self.source} power >= {self.rel_threshold:g} × the strongest"
+        return f"key frequencies ({how}): " + (", ".join(str(k) for k in frequencies) if frequencies else "none")

@@ -60,7 +60,6 @@ from lib_lightning.loading import (
 )
 from lib_lightning.models.transformer import ModAddTransformer
 from lib_lightning.plotting import (
-    add_community_legend,
     plot_edge_ablation,
     plot_interaction_graph,
     plot_node_ablation,
@@ -320,9 +319,10 @@ def analyze(args: argparse.Namespace) -> dict[str, Any]:
     if spectra:
         _write_figure(os.path.join(args.out, "spectra.png"), plot_spectra(spectra, title="Λ (LIB) and variances (PCA)"))
     if summary.graph is not None and summary.graph.number_of_edges():
-        fig = plot_interaction_graph(summary.graph, summary.communities, labels=labels)
-        if "fourier" in result and result["fourier"].get("communities"):
-            add_community_legend(fig, result["fourier"]["communities"])
+        named = (result.get("fourier") or {}).get("communities") or []
+        names = {c["community"]: f"k = {c['frequency']}, purity {c['purity']:.2f} ({c['size']} features)" for c in named}
+        fig = plot_interaction_graph(summary.graph, summary.communities, labels=labels, community_labels=names,
+                                     title="LIB interaction graph (communities: dominant Fourier frequency)" if names else "")
         _write_figure(os.path.join(args.out, "graph.png"), fig)
     if nodes:
         _write_figure(os.path.join(args.out, "node_ablation.png"), plot_node_ablation(nodes, args.tolerance))

@@ -1,4 +1,4 @@
-"""Figures of the LIB analysis: spectra per node layer and the layered interaction graph.
+"""Figures of the LIB analysis: spectra, ablation curves, LLC traces; the interaction graph (from graph_figure).
 
 Figures are built on matplotlib's Agg canvas directly (no pyplot), so nothing here touches the global
 backend, opens a window or keeps figures alive; :func:`figure_to_array` renders one for TensorBoard.
@@ -6,24 +6,19 @@ backend, opens a window or keeps figures alive; :func:`figure_to_array` renders 
 
 from __future__ import annotations
 
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-import networkx as nx
 import numpy as np
 import torch
-from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from lib_lightning.core.llc import LLCCalibration, LLCEstimate
-from lib_lightning.core.modularity import Communities
 from lib_lightning.core.summary import short_names
+from lib_lightning.graph_figure import plot_interaction_graph  # re-exported: analyze and the callbacks use it here
 
 __all__ = [
-    "add_community_legend",
     "figure_to_array",
     "plot_edge_ablation",
     "plot_interaction_graph",
@@ -32,9 +27,6 @@ __all__ = [
     "plot_spectra",
     "plot_traces",
 ]
-
-_GREY = (0.7, 0.7, 0.7, 1.0)
-
 
 def plot_spectra(spectra: Mapping[str, Mapping[str, torch.Tensor]], title: str = "") -> Figure:
     """One panel per node layer: each spectrum divided by its maximum against rank, log y axis.
@@ -75,91 +67,6 @@ def plot_spectra(spectra: Mapping[str, Mapping[str, torch.Tensor]], title: str =
     if title:
         fig.suptitle(title)
     return fig
-
-
-def plot_interaction_graph(
-    graph: nx.Graph,
-    communities: Communities | Mapping[Hashable, int] | None = None,
-    layer_order: Sequence[str] | None = None,
-    max_nodes_per_layer: int = 40,
-    labels: Mapping[Hashable, str] | None = None,
-) -> Figure:
-    """Features in columns by node layer (left to right), rows by feature index, edges by weight.
-
-    Args:
-        graph: an interaction graph (see ``interaction_graph``): nodes with ``layer`` and ``feature``
-            attributes (else nodes ``(layer, feature)``), edges with ``weight``.
-        communities: a :class:`Communities` or node -> community id; nodes of communities with >= 2
-            members get a colour per community, singletons and unassigned nodes grey.
-        layer_order: node layers left to right; default by the ``layer_index`` attribute, else first
-            appearance.
-        max_nodes_per_layer: show the first (most important) features of each layer only; >= 1.
-        labels: optional node -> text drawn beside the node.
-
-    Raises:
-        ValueError: for ``max_nodes_per_layer < 1`` or a ``layer_order`` naming unknown layers (listing
-            the available ones).
-    """
-    if isinstance(max_nodes_per_layer, bool) or not isinstance(max_nodes_per_layer, int) or max_nodes_per_layer < 1:
-        raise ValueError(f"max_nodes_per_layer must be an int >= 1, got {max_nodes_per_layer!r}")
-    by_layer: dict[str, list[tuple[int, Hashable]]] = {}
-    layer_index: dict[str, float] = {}
-    for node, data in graph.nodes(data=True):
-        layer = data.get("layer", node[0] if isinstance(node, tuple) else str(node))
-        feature = data.get("feature", node[1] if isinstance(node, tuple) and len(node) > 1 else 0)
-        by_layer.setdefault(layer, []).append((feature, node))
-        layer_index.setdefault(layer, data.get("layer_index", len(layer_index)))
-    if layer_order is None:
-        layer_order = sorted(by_layer, key=lambda name: layer_index[name])
-    unknown = [name for name in layer_order if name not in by_layer]
-    if unknown:
-        raise ValueError(f"layer_order names unknown layers {unknown}; the graph has {list(by_layer)}")
-
-    position: dict[Hashable, tuple[float, float]] = {}
-    for column, layer in enumerate(layer_order):
-        for row, (_, node) in enumerate(sorted(by_layer[layer], key=lambda pair: pair[0])[:max_nodes_per_layer]):
-            position[node] = (float(column), -float(row))
-
-    n_rows = max((min(len(by_layer[layer]), max_nodes_per_layer) for layer in layer_order), default=1)
-    fig = Figure(figsize=(2.5 + 2.0 * len(layer_order), 1.5 + 0.15 * n_rows))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.set_axis_off()
-    shown = [(u, v, w) for u, v, w in graph.edges(data="weight", default=1.0) if u in position and v in position]
-    if shown:
-        top = max(w for _, _, w in shown) or 1.0
-        segments = [(position[u], position[v]) for u, v, _ in shown]
-        widths = [0.2 + 2.8 * w / top for _, _, w in shown]
-        ax.add_collection(LineCollection(segments, linewidths=widths, colors="0.35", alpha=0.45, zorder=1))
-
-    nodes = list(position)
-    colours = _node_colours(nodes, communities)
-    if nodes:
-        xy = np.array([position[n] for n in nodes])
-        ax.scatter(xy[:, 0], xy[:, 1], c=colours, s=25, edgecolors="black", linewidths=0.3, zorder=2)
-        ax.set_ylim(xy[:, 1].min() - 1.0, 1.0)
-    for column, layer in enumerate(layer_order):
-        ax.text(column, 0.7, layer, ha="center", va="bottom", fontsize="small")
-    for node, text in (labels or {}).items():
-        if node in position:
-            x, y = position[node]
-            ax.text(x + 0.06, y, str(text), va="center", fontsize=6, zorder=3)
-    ax.set_xlim(-0.5, max(len(layer_order), 1) - 0.5)
-    return fig
-
-
-def _node_colours(nodes: list, communities: Communities | Mapping[Hashable, int] | None) -> list:
-    """A distinct colour per community with >= 2 members (counted over the whole graph), grey otherwise."""
-    membership = communities.membership if isinstance(communities, Communities) else (communities or {})
-    sizes: dict[int, int] = {}
-    for community in membership.values():
-        sizes[community] = sizes.get(community, 0) + 1
-    palette = list(colormaps["tab10"].colors) + list(colormaps["tab20b"].colors)
-    out = []
-    for node in nodes:
-        community = membership.get(node)
-        out.append(palette[community % len(palette)] if community is not None and sizes[community] >= 2 else _GREY)
-    return out
 
 
 def figure_to_array(fig: Figure) -> np.ndarray:
@@ -224,18 +131,6 @@ def plot_edge_ablation(results: Mapping[str, Sequence[Any]]) -> Figure:
         ax.legend(fontsize="x-small", title="edges required", title_fontsize="x-small")
     axes[0].set_ylabel("accuracy (held out)")
     return fig
-
-
-def add_community_legend(fig: Figure, communities: Sequence[Mapping[str, Any]]) -> None:
-    """A legend below the figure: each community's colour (as in ``plot_interaction_graph``), its dominant
-    frequency and purity (the ``communities`` entries of ``analyze``'s Fourier results)."""
-
-    palette = list(colormaps["tab10"].colors) + list(colormaps["tab20b"].colors)
-    handles = [Line2D([], [], marker="o", linestyle="", color=palette[c["community"] % len(palette)],
-                      label=f"k = {c['frequency']}, purity {c['purity']:.2f} ({c['size']} features)")
-               for c in communities]
-    fig.legend(handles=handles, loc="lower center", ncol=min(3, len(handles)), fontsize="small", frameon=False,
-               title="LIB communities: dominant frequency")
 
 
 def plot_calibration(table: LLCCalibration) -> Figure:

@@ -70,3 +70,61 @@ def test_plot_interaction_graph_order_and_errors():
         plot_interaction_graph(graph, layer_order=["x", "w"])
     with pytest.raises(ValueError, match=r"max_nodes_per_layer must be an int >= 1, got 0"):
         plot_interaction_graph(graph, max_nodes_per_layer=0)
+
+
+def _modules_graph():
+    """Two modules interleaved in feature order (odd features one, even the other) and edgeless features."""
+    gen = torch.Generator().manual_seed(1)
+    edges = []
+    for k_out, k_in in ((9, 8), (7, 9)):  # layers a (8), b (9), c (7); constant at index 0
+        e = torch.zeros(k_out, k_in, dtype=torch.float64)
+        for i in range(1, min(k_out, k_in, 6)):
+            for j in range(1, min(k_out, k_in, 6)):
+                if i % 2 == j % 2:  # features 1..5 only: the rest carry no edge
+                    e[i, j] = 1.0 + torch.rand((), generator=gen, dtype=torch.float64).item()
+        edges.append(e)
+    return interaction_graph(edges, ["a", "b", "c"], weighting="sqrt")
+
+
+def test_plot_interaction_graph_groups_features_by_community_and_counts_the_rest():
+    graph = _modules_graph()
+    communities = find_communities(graph, seed=0)
+    labels = {node: f"{node[0]}{node[1]}" for node in graph.nodes}
+    fig = plot_interaction_graph(graph, communities, labels=labels, title="step 7")
+    ax = fig.axes[0]
+    rows = {t.get_text(): t.get_position()[1] for t in ax.texts if t.get_text() in labels.values()}
+    # only features 1..5 carry edges; odd ones (3 per layer) form the larger module and come first
+    assert set(rows) == {f"{layer}{f}" for layer in "abc" for f in range(1, 6)}
+    column_a = sorted((name for name in rows if name.startswith("a")), key=lambda name: -rows[name])
+    assert column_a == ["a1", "a3", "a5", "a2", "a4"]
+    assert rows["a3"] - rows["a5"] == pytest.approx(1.0) and rows["a5"] - rows["a2"] == pytest.approx(1.8)  # a gap between modules
+    assert [t.get_text() for t in ax.texts if "without edges" in t.get_text()] == [
+        "+ 2 without edges", "+ 3 without edges", "+ 1 without edges"
+    ]
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["community 1: 9 features", "community 2: 6 features"]
+    assert fig._suptitle.get_text() == "step 7"
+    named = plot_interaction_graph(graph, communities, community_labels={0: "k = 22", 1: "k = 20"})
+    assert [t.get_text() for t in named.legends[0].get_texts()] == ["k = 22", "k = 20"]
+
+
+def test_plot_interaction_graph_threshold_hides_weak_edges_and_their_features():
+    graph = _modules_graph()
+    weakest = min(w for _, _, w in graph.edges(data="weight"))
+    strongest = max(w for _, _, w in graph.edges(data="weight"))
+    fig = plot_interaction_graph(graph, min_weight=(weakest + strongest) / 2)
+    shown = len(fig.axes[0].collections[-1].get_offsets())
+    assert 0 < shown < 15
+    assert not fig.legends  # no communities given: nothing to name
+    assert any(t.get_text().endswith(f"without edges > {(weakest + strongest) / 2:g}") for t in fig.axes[0].texts)
+
+
+def test_plot_interaction_graph_cap_keeps_the_most_important_features_and_says_so():
+    graph = _modules_graph()
+    fig = plot_interaction_graph(graph, find_communities(graph, seed=0), max_nodes_per_layer=2,
+                                 labels={node: f"{node[0]}{node[1]}" for node in graph.nodes})
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert {"a1", "a2", "b1", "b2", "c1", "c2"} <= set(texts) and "a3" not in texts
+    assert "+ 3 more with edges (first 2 drawn)\n+ 2 without edges" in texts  # layer a: 5 carry edges, 2 none
+    with pytest.raises(ValueError, match=r"min_weight must be >= 0, got -1"):
+        plot_interaction_graph(graph, min_weight=-1)

@@ -46,7 +46,8 @@ def test_schedule_values_and_training_untouched(tmp_path):
     assert last["metrics"]["progress/excluded_loss"] == pytest.approx(expected.excluded_loss, rel=1e-6)
     assert last["metrics"]["progress/n_key_frequencies"] == len(key)
     logged = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
-    assert "progress/restricted_loss" in logged and "progress/key_frequency_0" in logged
+    assert "progress/restricted_loss" in logged and "progress/n_key_frequencies" in logged
+    assert "progress/key_frequency_" not in logged  # one text entry per step on TensorBoard, not a series each
 
 
 def test_callback_does_not_change_the_trajectory(tmp_path):
