@@ -1,4 +1,4 @@
-"""Node layers on any ``nn.Module``: capture activations with hooks, substitute them, check cuts.
+"""Node layers on any ``nn.Module``: capture activations with hooks, substitute them, check their order.
 
 A node layer (:mod:`lib_lightning.core.nodes`) is a value of a named module of a model the library
 does not own, read as an activation ``(batch, pos, d)``. The section F_l from node layer l to l+1 is
@@ -28,8 +28,6 @@ __all__ = [
     "select_examples",
     "substituted",
     "check_order",
-    "check_cut",
-    "CutError",
 ]
 
 Forward = Callable[[nn.Module, Any], Any]
@@ -38,10 +36,6 @@ Forward = Callable[[nn.Module, Any], Any]
 def default_forward(model: nn.Module, inputs: Any) -> Any:
     """Runs ``model(inputs)``; pass another callable for models with other signatures."""
     return model(inputs)
-
-
-class CutError(ValueError):
-    """Raised when node layer l+1 is not a function of node layer l alone."""
 
 
 class _StopForward(BaseException):
@@ -199,41 +193,10 @@ def check_order(model: nn.Module, layers: Sequence[NodeLayer], inputs: Any, forw
         raise ValueError(f"node layers are out of order: given {names}, but the forward pass runs {ran}")
 
 
-def check_cut(
-    model: nn.Module,
-    layer_in: NodeLayer,
-    layer_out: NodeLayer,
-    inputs: Any,
-    forward: Forward = default_forward,
-    n_pairs: int = 4,
-    rtol: float = 1e-5,
-    atol: float = 1e-6,
-) -> None:
-    """Checks that ``layer_out`` is a function of ``layer_in`` alone, on a few pairs of examples.
+def __getattr__(name: str) -> Any:
+    # The cut check moved to checks.py beside the independence check; old imports keep working.
+    if name in ("CutError", "check_cut"):
+        from lib_lightning.core import checks
 
-    Runs example i with ``layer_in``'s activation replaced by that of example i+1; on a cut,
-    ``layer_out`` then equals example i+1's activation.
-
-    Raises:
-        CutError: naming the layers and the first pair of examples that failed.
-    """
-    with torch.no_grad():
-        act_in, act_out = capture(model, [layer_in, layer_out], inputs, forward)
-        batch = act_in.shape[0]
-        if batch < 2:
-            raise ValueError(f"the cut check needs at least 2 examples in a batch, got {batch}")
-        n = min(n_pairs + 1, batch)
-        perm = torch.arange(batch)
-        perm[:n] = torch.roll(perm[:n], -1)
-        swapped = run_section(model, layer_in, layer_out, inputs, lambda act: act_in[perm], forward)
-        expected = act_out[perm]
-        for i in range(n - 1):
-            if not torch.allclose(swapped[i], expected[i], rtol=rtol, atol=atol):
-                err = (swapped[i] - expected[i]).abs().max().item()
-                raise CutError(
-                    f"node layers {layer_in.name!r} -> {layer_out.name!r} are not a cut of the network: "
-                    f"example {i} run with the {layer_in.name!r} activation of example {i + 1} does not give "
-                    f"example {i + 1}'s {layer_out.name!r} activation (max abs difference {err:.3g}); "
-                    "something bypasses the first layer (for example a residual connection) or the "
-                    "selected positions drop information the next layer uses"
-                )
+        return getattr(checks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
