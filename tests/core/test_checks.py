@@ -81,9 +81,7 @@ def test_padded_gpt2_residual_stream_is_a_cut_given_the_mask():
     # a bypass inside a block is still a bypass when the mask is held fixed
     with pytest.raises(CutError, match=r"'transformer.h.0.mlp' -> 'transformer.h.1' are not a cut.*\['attention_mask'\] held fixed"):
         check_cut(model, NodeLayer("transformer.h.0.mlp"), NodeLayer("transformer.h.1"), inputs, hf_forward)
-    graphs = build_graphs(model, RESIDUAL, [inputs], forward=hf_forward, kinds=("lib", "pca"), position_sources=1)
-    assert graphs["lib"].edges[0].shape[1] == graphs["lib"].dims[0]
-    assert all(torch.isfinite(e).all() for g in graphs.values() for e in g.edges)
+    # build_graphs on this model and these batches: tests/core/test_foreign_models.py
 
 
 class BigConv(nn.Module):
