@@ -123,3 +123,36 @@ def test_no_budget_skips_the_guard():
     with pytest.raises(MemoryBudgetError):
         build_graphs(model, ["inp", "h0", "out"], [x], memory_budget_bytes=1)
     build_graphs(model, ["inp", "h0", "out"], [x], memory_budget_bytes=None)
+
+
+class MaskedPool(nn.Module):
+    """``out = head(Σ_t valid_t · h_t)``: the per-example ``valid`` weights are context, not content."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin, self.h, self.head = nn.Linear(3, 4), nn.Identity(), nn.Linear(4, 2)
+        self.double()
+
+    def forward(self, inputs):
+        h = self.h(torch.tanh(self.lin(inputs["x"])))  # (batch, T, 4)
+        return self.head((h * inputs["valid"][..., None]).sum(1))
+
+
+def test_user_named_context_inputs():
+    gen = torch.Generator().manual_seed(0)
+    inputs = {"x": torch.randn(8, 5, 3, generator=gen, dtype=torch.float64), "valid": torch.rand(8, 5, generator=gen, dtype=torch.float64)}
+    forward = lambda m, i: m(i)  # noqa: E731
+    with pytest.raises(CutError, match=r"'h' -> 'head' are not a cut"):
+        build_graphs(MaskedPool(), ["h", "head"], [inputs], forward=forward)  # 'valid' is not a known context name
+    graphs = build_graphs(MaskedPool(), ["h", "head"], [inputs], forward=forward, context_inputs=["valid"])
+    assert all(torch.isfinite(e).all() for e in graphs["lib"].edges)
+    with pytest.raises(CutError, match=r"'h' -> 'head' are not a cut.*\['valid'\] held fixed"):
+        # x also reaches the head around h: a bypass stays a bypass with the context held fixed
+        build_graphs(BypassPool(), ["h", "head"], [inputs], forward=forward, context_inputs=["valid"])
+
+
+class BypassPool(MaskedPool):
+    def forward(self, inputs):
+        h = self.h(torch.tanh(self.lin(inputs["x"])))
+        return self.head((h * inputs["valid"][..., None]).sum(1) + inputs["x"].sum((1, 2))[:, None])
