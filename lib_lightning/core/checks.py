@@ -30,12 +30,14 @@ import torch
 from torch import nn
 
 from lib_lightning.core.capture import Forward, capture, check_order, default_forward, run_section, select_examples
+from lib_lightning.core.jacobian import batch_size
 from lib_lightning.core.nodes import NodeLayer
 
 __all__ = [
     "CONTEXT_NAMES",
     "CutError",
     "IndependenceError",
+    "check_batch_first",
     "check_cut",
     "check_independence",
     "check_sections",
@@ -188,6 +190,20 @@ def check_independence(
             )
 
 
+def check_batch_first(model: nn.Module, layers: Sequence[NodeLayer], inputs: Any, forward: Forward = default_forward) -> None:
+    """Raises ``ValueError`` unless every node layer's value has the inputs' batch size as its first dim."""
+    batch = batch_size(inputs)
+    with torch.no_grad():
+        acts = capture(model, layers, inputs, forward)
+    for layer, act in zip(layers, acts):
+        if act.shape[0] != batch:
+            raise ValueError(
+                f"node layer {layer.name!r} has {act.shape[0]} rows in dim 0 but the inputs hold {batch} "
+                f"examples (activation read as {tuple(act.shape)}): node layers must be batch first, which "
+                "for example nn.LSTM's h_n (num_layers, batch, hidden) and batch_first=False outputs are not"
+            )
+
+
 def check_sections(
     model: nn.Module,
     layers: Sequence[NodeLayer],
@@ -195,12 +211,13 @@ def check_sections(
     forward: Forward = default_forward,
     context: Context = None,
 ) -> None:
-    """The order of the node layers, then for every consecutive pair the independence and cut checks.
+    """The order of the node layers, their batch dimension, then for every pair the independence and cut checks.
 
     Raises:
         ValueError, IndependenceError, CutError: for the first check that fails.
     """
     check_order(model, layers, inputs, forward)
+    check_batch_first(model, layers, inputs, forward)
     for layer_in, layer_out in zip(layers[:-1], layers[1:]):
         check_independence(model, layer_in, layer_out, inputs, forward)
         check_cut(model, layer_in, layer_out, inputs, forward, context=context)

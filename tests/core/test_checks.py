@@ -156,3 +156,19 @@ class BypassPool(MaskedPool):
     def forward(self, inputs):
         h = self.h(torch.tanh(self.lin(inputs["x"])))
         return self.head((h * inputs["valid"][..., None]).sum(1) + inputs["x"].sum((1, 2))[:, None])
+
+
+def test_a_node_layer_that_is_not_batch_first_is_named():
+    class LastState(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed, self.rnn = nn.Linear(3, 4), nn.LSTM(4, 5, batch_first=True)
+            self.double()
+
+        def forward(self, x):
+            return self.rnn(self.embed(x))
+
+    x = torch.randn(6, 7, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"node layer 'rnn\[out:1.0\]' has 1 rows in dim 0 but the inputs hold 6 examples .*h_n"):
+        build_graphs(LastState(), ["embed", "rnn[out:1.0]"], [x])
