@@ -244,3 +244,29 @@ def test_build_graphs_on_conv_maps_as_positions_and_flat():
     assert flat["lib"].layers[0].basis.shape[0] == 3 * 16 + 1
     for g in (graphs["lib"], graphs["pca"], flat["lib"]):
         assert all(torch.isfinite(e).all() for e in g.edges)
+
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(
+    shape=st.lists(st.integers(1, 4), min_size=2, max_size=5),
+    layout=st.sampled_from([None, "tokens", "channels", "flat"]),
+    picks=st.lists(st.integers(-30, 30), min_size=1, max_size=3),
+    use_positions=st.booleans(),
+)
+def test_layouts_and_positions_invert_exactly(shape, layout, picks, use_positions):
+    """from_acts(x, to_acts(x)) = x, and to_acts(from_acts(x, y)) = y, for every layout and position choice."""
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(len(shape)))
+    n_pos = NodeLayer("m", layout=layout).to_acts(x).shape[1]
+    positions = tuple(sorted({p % n_pos for p in picks})) if use_positions else None
+    layer = NodeLayer("m", positions, layout=layout)
+    acts = layer.to_acts(x)
+    assert acts.shape[0] == shape[0] and acts.shape[1] == (len(positions) if positions else n_pos)
+    assert torch.equal(layer.from_acts(x, acts), x)
+    y = torch.randn(acts.shape, dtype=torch.float64)
+    back = layer.from_acts(x, y)
+    assert back.shape == x.shape and torch.equal(layer.to_acts(back), y)
+    assert acts.shape[1] * acts.shape[2] <= x[0].numel()
