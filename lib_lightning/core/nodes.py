@@ -137,6 +137,8 @@ class NodeLayer:
         bad = [p for p in self.positions if not -n_pos <= p < n_pos]
         if bad:
             raise IndexError(f"node layer {self.name!r}: positions {bad} out of range for {n_pos} positions")
+        if len({p % n_pos for p in self.positions}) < len(self.positions):
+            raise ValueError(f"node layer {self.name!r}: positions {list(self.positions)} repeat a position of {n_pos}")
         return acts[:, list(self.positions)]
 
     def _reshape(self, value: torch.Tensor) -> torch.Tensor:

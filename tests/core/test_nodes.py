@@ -208,6 +208,11 @@ def test_conv_maps_are_positions_of_channels_and_go_back_exactly():
         assert not torch.equal(layer.from_acts(x, untouched), x)
 
 
+def test_repeated_positions_are_refused():
+    with pytest.raises(ValueError, match=r"node layer 'm@1,-3': positions \[1, -3\] repeat a position of 4"):
+        NodeLayer.parse("m@1,-3").to_acts(torch.zeros(2, 4, 3))
+
+
 class ConvNet(nn.Module):
     def __init__(self, seed=0):
         super().__init__()
