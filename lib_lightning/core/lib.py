@@ -20,15 +20,8 @@ import torch
 from torch import nn
 
 from lib_lightning.core.basis import LayerBasis, identity_basis, lib_basis, neuron_basis, pca_basis, whiten
-from lib_lightning.core.capture import (
-    Forward,
-    NodeLayer,
-    capture,
-    check_cut,
-    check_order,
-    default_forward,
-    select_examples,
-)
+from lib_lightning.core.capture import Forward, NodeLayer, capture, default_forward, select_examples
+from lib_lightning.core.checks import Context, check_sections
 from lib_lightning.core.graph import InteractionGraph
 from lib_lightning.core.integration import integration_rule
 from lib_lightning.core.jacobian import (
@@ -40,6 +33,7 @@ from lib_lightning.core.jacobian import (
     m_prime_update,
     project,
 )
+from lib_lightning.core.memory import MEMORY_BUDGET, check_memory, estimate_memory
 from lib_lightning.core.modes import analysis_mode, prepare_inputs
 from lib_lightning.core.stats import ActivationStats, mean_update, shift_of, stats_update
 
@@ -117,6 +111,8 @@ def build_graphs(
     cache_bytes: int = 2 << 30,
     dtype: torch.dtype | None = torch.float64,
     check_cuts: bool = True,
+    context_inputs: Context = None,
+    memory_budget_bytes: int | None = MEMORY_BUDGET,
     reduce: Reduce | None = None,
     progress: Progress | None = None,
 ) -> dict[str, InteractionGraph]:
@@ -125,7 +121,9 @@ def build_graphs(
     Args:
         model: any ``nn.Module``; it is put in eval mode, frozen and cast to ``dtype`` for the analysis,
             then restored exactly.
-        layers: node layers in forward order (module names, ``"name@-1"`` for positions, or NodeLayer).
+        layers: node layers in forward order: NodeLayer or strings ``module[in:k|out:path]~layout@positions``
+            (:mod:`lib_lightning.core.nodes`), e.g. ``"fc[in]"``, ``"rnn[out:0]"``, ``"layer1"`` (a conv
+            map: positions of channels), ``"conv~flat"``, ``"resid@-1"``.
         batches: re-iterable batches of model inputs (each passed to ``forward(model, inputs)``).
         kinds: any of ``"lib"``, ``"pca"``, ``"neuron"``.
         rule, n_intervals: integration rule (see :mod:`lib_lightning.core.integration`).
@@ -148,19 +146,30 @@ def build_graphs(
         position_sources: if set, R stochastic sources replace the output positions of every section
             (spec §3, Rademacher signs): R VJPs per output feature instead of one per position, with M′
             and the squared edges unbiased (exact for single-position outputs). For sections whose
-            output has many positions (sequence models, conv feature maps).
+            output has many positions (sequence models; conv feature maps, read by default as positions
+            of channels, whereas a ``~flat`` map is one position).
         seed: seeds the signs, drawn per section and chunk, so repeated runs and recomputed chunks agree.
         chunk_size: examples per Jacobian chunk; bounds the working memory.
         cache_bytes: memory budget for keeping Jacobian chunks between the basis and the LIB edges
             (0: always recompute; past the budget, chunks are recomputed). 2 GiB by default: the
             attention section of the modular-addition transformer needs 1.4 GB for 3,830 examples.
         dtype: analysis precision (float64 by default; sums are float64 whatever it is).
-        check_cuts: check on the first batch that each section is a cut and the layers are in order.
+        check_cuts: check on the first batch (its first 16 examples) that the layers run in order and
+            each section is a function of one example's activation and context: changing one example
+            leaves the others (else ``IndependenceError``) and no input bypasses the first layer (else
+            ``CutError``); see :mod:`lib_lightning.core.checks`.
+        context_inputs: top-level keys (dict inputs) or indices (tuple inputs) of per-example side
+            inputs held fixed per example by the cut check (attention masks, position ids). ``None``:
+            dict keys containing ``mask``, ``position_ids``, ``token_type_ids`` or ``cache_position``.
+        memory_budget_bytes: refuse (``MemoryBudgetError``) before the first pass when the estimated
+            memory of the statistics and the largest section, from the first batch's shapes, exceeds it
+            (see :mod:`lib_lightning.core.memory`); 8 GiB by default, ``None`` for no limit.
         reduce: sum-reduction applied to every partial sum (across processes); identity by default.
         progress: called as ``progress(phase, done, total)`` after each batch.
 
     Raises:
-        ValueError, KeyError, TypeError, CutError: on bad input, naming the value and the valid choices.
+        ValueError, KeyError, TypeError, CutError, IndependenceError, MemoryBudgetError: on bad input,
+            naming the value and the valid choices.
     """
     node_layers = [NodeLayer.parse(layer) for layer in layers]
     if len(node_layers) < 2:
@@ -185,11 +194,16 @@ def build_graphs(
             inputs = prepare_inputs(inputs, dtype)
             if b == 0 and check_cuts:  # on a few examples: the checks compare single examples
                 few = select_examples(inputs, slice(0, CHECK_EXAMPLES))
-                check_order(model, node_layers, few, forward)
-                for first, second in zip(node_layers[:-1], node_layers[1:]):
-                    check_cut(model, first, second, few, forward)
+                check_sections(model, node_layers, few, forward, context_inputs)
             with torch.no_grad():
                 acts = capture(model, node_layers, inputs, forward)
+            if b == 0 and memory_budget_bytes is not None:
+                estimate = estimate_memory(
+                    names, [tuple(a.shape) for a in acts], chunk_size=chunk_size, itemsize=acts[0].element_size(),
+                    cache_bytes=cache_bytes, n_examples=acts[0].shape[0] * n_batches or None,
+                    position_sources=position_sources, lib="lib" in kinds,
+                )  # fmt: skip
+                check_memory(estimate, memory_budget_bytes)
             for i, a in enumerate(acts):
                 part = stats_update(a, shifts[i])
                 stats[i] = part if stats[i] is None else stats[i] + part

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.filterwarnings(r"ignore:CIFAR10DataModule\(fake=True\)"
 
 CASES = [
     ("mlp", {"widths": (24, 20)}, ["model.hook_hidden_0", "model.hook_hidden_1", "model.hook_logits"], [24, 20, 10]),
-    ("cnn", {"channels": (4, 6, 8)}, ["model.hook_block_2", "model.hook_pooled", "model.hook_logits"], [8 * 4 * 4, 8, 10]),
+    # a conv map (batch, 8, 4, 4) is read as 16 positions of 8 channels ("model.hook_block_2~flat": 128 values)
+    ("cnn", {"channels": (4, 6, 8)}, ["model.hook_block_2", "model.hook_pooled", "model.hook_logits"], [8, 8, 10]),
 ]
 
 

@@ -81,3 +81,29 @@ def mlp_inputs(n=300, d=4, seed=1):
     return torch.randn(n, d, generator=gen, dtype=torch.float64) @ torch.tensor(
         [[1.0, 0.3, 0.0, 0.2], [0.0, 0.5, 0.4, 0.0], [0.1, 0.0, 2.0, 0.3], [0.0, 0.0, 0.2, 0.8]], dtype=torch.float64
     )[:d, :d] + torch.arange(1, d + 1, dtype=torch.float64) * 0.3
+
+
+def tiny_gpt2(vocab=13, n_positions=8, seed=0):
+    """A 2-layer GPT-2 (d 64) from a config, random weights, float64, eval mode: nothing downloaded."""
+    import transformers
+
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=2, vocab_size=vocab, n_positions=n_positions,
+        bos_token_id=0, eos_token_id=0, attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(cfg).double().eval()
+
+
+def padded_tokens(n=16, length=8, vocab=13, seed=0):
+    """Dict inputs ``input_ids``, ``attention_mask`` ``(n, length)``: right-padded with 0, lengths 3..length."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (n, length), generator=gen)
+    lengths = torch.randint(3, length + 1, (n,), generator=gen)
+    mask = (torch.arange(length)[None] < lengths[:, None]).long()
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+def hf_forward(model, inputs):
+    """Calls a HuggingFace model with dict inputs."""
+    return model(**inputs)
