@@ -28,6 +28,7 @@ from lib_lightning.core.files import atomic_write_text
 from lib_lightning.core.integration import integration_rule
 from lib_lightning.core.graph import save_graphs
 from lib_lightning.core.lib import KINDS, build_graphs
+from lib_lightning.core.memory import MEMORY_BUDGET
 from lib_lightning.core.modes import analysis_mode
 from lib_lightning.core.summary import Snapshot, SummaryOptions, short_names, summarise
 from lib_lightning.runtime import (
@@ -77,6 +78,11 @@ class LIBAnalysis(Callback):
             that fails, e.g. on a full disk, is warned about once, counted in ``lib/save_errors`` and skipped).
         dtype: ``"float64"`` (exact) or ``"float32"`` (about 2× faster Jacobians; sums stay float64).
         chunk_size, cache_mb: Jacobian chunk size and cache budget (memory bounds).
+        memory_budget_mb: refuse an analysis whose estimated memory (from the first batch's shapes)
+            exceeds this many MiB, with the estimate and the ways out (``None``: no limit; default 8 GiB).
+        context_inputs: keys (dict inputs) or indices (tuple inputs) of per-example side inputs that
+            the cut check holds fixed per example; default: keys containing ``mask``, ``position_ids``,
+            ``token_type_ids`` or ``cache_position`` (see :func:`lib_lightning.core.lib.build_graphs`).
         threads: torch threads during the analysis (default: unchanged).
         name: distinguishes several instances in checkpoints (default: derived from the arguments).
 
@@ -120,6 +126,8 @@ class LIBAnalysis(Callback):
         dtype: str = "float64",
         chunk_size: int = 256,
         cache_mb: int = 512,
+        memory_budget_mb: int | None = MEMORY_BUDGET >> 20,
+        context_inputs: Sequence[str | int] | None = None,
         threads: int | None = None,
         name: str | None = None,
     ) -> None:
@@ -148,6 +156,8 @@ class LIBAnalysis(Callback):
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         if cache_mb < 0:
             raise ValueError(f"cache_mb must be >= 0, got {cache_mb}")
+        if memory_budget_mb is not None and memory_budget_mb < 1:
+            raise ValueError(f"memory_budget_mb must be >= 1 or None, got {memory_budget_mb}")
         if position_sources is not None and position_sources < 1:
             raise ValueError(f"position_sources must be None or >= 1, got {position_sources}")
         if dtype not in _DTYPES:
@@ -166,6 +176,8 @@ class LIBAnalysis(Callback):
             kinds=self.kinds, rule=rule, n_intervals=n_intervals, center=center, rotate_final=rotate_final,
             abs_threshold=abs_threshold, rel_threshold=rel_threshold, edge_point=edge_point,
             position_sources=position_sources, seed=seed, chunk_size=chunk_size, cache_bytes=cache_mb << 20, dtype=_DTYPES[dtype],
+            memory_budget_bytes=None if memory_budget_mb is None else memory_budget_mb << 20,
+            context_inputs=None if context_inputs is None else tuple(context_inputs),
         )
         self.relu_layers = [NodeLayer.parse(layer) for layer in relu_layers]
         self.images, self.histograms, self.save = images, histograms, save
