@@ -94,3 +94,24 @@ def test_fake_smoke_run_from_the_cli(config, tmp_path, monkeypatch):
     (hparams,) = Path("checkpoints", name).rglob("hparams.yaml")
     assert yaml.safe_load(hparams.read_text())["fake"] is True  # the run is labelled fake in its logs
     assert Path("data", "fake", "cifar-10-batches-py", "data_batch_1").exists()
+
+
+def test_resnet18_config_smoke_run_on_fake_data(tmp_path, monkeypatch):
+    """The shipped ResNet-18 config, its LIB callback shrunk to 8 analysed images, trains and analyses."""
+    monkeypatch.chdir(tmp_path)
+    config = yaml.safe_load((CONFIGS / "cifar10_resnet18.yaml").read_text())
+    (lib,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("LIBAnalysis")]
+    assert lib["init_args"]["layers"][:2] == ["model.layer3", "model.layer4"]  # stage outputs, as positions
+    lib["init_args"].update(size=8, batch_size=8)
+    Path("small.yaml").write_text(yaml.safe_dump(config))
+    args = ["fit", "--config", "small.yaml", "--data.fake", "true", "--data.data_dir", "data"]
+    args += ["--data.fake_size", "200", "--data.val_size", "40", "--data.batch_size", "8", "--trainer.max_epochs", "1"]
+    args += ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"]
+    with pytest.warns(UserWarning, match="FAKE data"):
+        cli = main(args)
+    assert cli.trainer.global_step == 2
+    (analysis,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "LIBAnalysis"]
+    assert analysis.analysed_steps == [0] and analysis.skipped == 0
+    metrics = analysis.history[0]["metrics"]
+    assert 0 < metrics["lib/layer4/dim_rel"] <= 512 and metrics["pca/layer3/dim_rel"] > 0
+    assert list(Path("checkpoints", "cifar10_resnet18").rglob("lib/step_00000000.pt"))
