@@ -67,8 +67,8 @@ class LLCEstimate:
         diverged: ``(chains,)`` bool, a non-finite loss or an estimate above ``max_llc``.
         below_init: ``(chains,)`` bool, kept losses below L(w*) by more than ``below_init_sigmas``
             standard errors: w* is not a local minimum, or ε is too large.
-        acceptance: ``(chains,)`` float64 mean MALA acceptance probability of the chain's steps (NaN if
-            none was evaluated).
+        acceptance: ``(chains,)`` float64 mean MALA acceptance probability of the chain's steps after
+            burn-in (NaN if none was evaluated).
         grad_norm, loc_norm, noise_norm: ``(chains,)`` float64 mean norms of the update's gradient,
             localisation and noise terms.
         trend: ``(chains,)`` float64 t statistic of the kept losses' drift (still moving after burn-in).
@@ -207,8 +207,8 @@ def estimate_llc(
             of a regular model with d sampled parameters (the largest λ can be), leaving room for noise.
         below_init_sigmas: a chain is flagged ``below_init`` when its mean kept loss is below L(w*) by
             more than this many standard errors (batch means over 10 blocks of draws).
-        mala_every: estimate the MALA acceptance probability every this many steps (0: never). Each costs
-            one more forward and backward pass on a minibatch; free with the full batch.
+        mala_every: estimate the MALA acceptance probability every this many kept draws (0: never). Each
+            costs one more forward and backward pass on a minibatch; free with the full batch.
         precond_decay, precond_floor: the RMSprop preconditioner's EMA decay in [0, 1) and floor δ > 0.
         generator: one generator for all chains (run in turn), or one per chain (its length must be
             ``num_chains``); chains are then independent of how they are split across processes.

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["HealthLimits", "block_means", "health_problems", "stderr", "trend"]
+__all__ = ["NUM_FIELDS", "HealthLimits", "block_means", "estimate_sums", "health_problems", "metrics_from_sums", "stderr", "trend"]
 
 
 @dataclass(frozen=True)
@@ -78,19 +78,72 @@ def trend(kept: torch.Tensor) -> torch.Tensor:
     return torch.where(slope == 0, torch.zeros_like(t), t)
 
 
+# Sums of one estimate, additive over chains (so over ranks): chains, Σλ̂, Σλ̂², diverged, below L(w*),
+# non-finite, Σ L(w*), Σ acceptance and chains with one, Σ norms of the gradient, localisation and noise
+# terms, trending chains
+NUM_FIELDS = 13
+(_COUNT, _SUM, _SQ_SUM, _DIVERGED, _BELOW, _FAILED, _INIT_SUM, _ACC_SUM, _ACC_COUNT, _GRAD_SUM, _LOC_SUM, _NOISE_SUM,
+ _TRENDING) = range(NUM_FIELDS)
+
+
+def estimate_sums(estimate, limits: HealthLimits = HealthLimits()) -> torch.Tensor:
+    """``(NUM_FIELDS,)`` float64 sums over an :class:`~lib_lightning.core.llc.LLCEstimate`'s chains; chains
+    split across processes give the whole estimate's sums when added."""
+    sums = torch.zeros(NUM_FIELDS, dtype=torch.float64)
+    llcs, count = estimate.chain_llcs, len(estimate.chain_llcs)
+    has_acceptance = torch.isfinite(estimate.acceptance)
+    sums[_COUNT] = count
+    sums[_SUM], sums[_SQ_SUM] = llcs.sum(), (llcs**2).sum()
+    sums[_DIVERGED], sums[_BELOW] = estimate.diverged.sum(), estimate.below_init.sum()
+    sums[_FAILED] = (~torch.isfinite(estimate.loss_traces).all(dim=1)).sum()
+    sums[_INIT_SUM] = estimate.init_loss * count
+    sums[_ACC_SUM], sums[_ACC_COUNT] = estimate.acceptance[has_acceptance].sum(), has_acceptance.sum()
+    sums[_GRAD_SUM], sums[_LOC_SUM] = estimate.grad_norm.sum(), estimate.loc_norm.sum()
+    sums[_NOISE_SUM] = estimate.noise_norm.sum()
+    sums[_TRENDING] = (estimate.trend.abs() > limits.max_trend).sum()
+    return sums
+
+
+def metrics_from_sums(sums: torch.Tensor, limits: HealthLimits = HealthLimits()) -> tuple[dict[str, float], list[str]]:
+    """The values to log from an estimate's (all-process) sums, and its health problems (empty: healthy).
+
+    Values: ``mean``, ``std`` (sample std across chains; NaN for one chain), ``grad_norm``, ``loc_norm``,
+    ``noise_norm`` (absent when a chain failed), ``acceptance`` (absent when none was evaluated),
+    ``init_loss``, ``diverged_chains``, ``below_init_chains``, ``failed``, ``trending_chains``, ``healthy``.
+    """
+    count = sums[_COUNT].item()
+    failed = sums[_FAILED].item() > 0
+    mean = sums[_SUM].item() / count
+    var = (sums[_SQ_SUM].item() - count * mean**2) / (count - 1) if count > 1 else math.nan
+    std = math.sqrt(max(var, 0.0)) if not math.isnan(var) else math.nan
+    acceptance = sums[_ACC_SUM].item() / sums[_ACC_COUNT].item() if sums[_ACC_COUNT] > 0 else math.nan
+    problems = []
+    if failed:
+        problems.append(f"{int(sums[_FAILED])} of {int(count)} chains produced a non-finite loss")
+    elif sums[_DIVERGED] > 0:
+        problems.append(f"{int(sums[_DIVERGED])} of {int(count)} chains diverged")
+    if acceptance < limits.min_acceptance:
+        problems.append(f"MALA acceptance {acceptance:.3f} < {limits.min_acceptance} (epsilon too large)")
+    if sums[_TRENDING] > 0:
+        problems.append(f"{int(sums[_TRENDING])} of {int(count)} chains still trending after burn-in "
+                        f"(|t| > {limits.max_trend}: num_burnin too short)")
+    values = {
+        "init_loss": sums[_INIT_SUM].item() / count,
+        "diverged_chains": sums[_DIVERGED].item(),
+        "below_init_chains": sums[_BELOW].item(),
+        "failed": float(failed),
+        "trending_chains": sums[_TRENDING].item(),
+        "healthy": float(not problems),
+    }
+    if math.isfinite(acceptance):
+        values["acceptance"] = acceptance
+    if not failed:
+        values.update({"mean": mean, "std": std, "grad_norm": sums[_GRAD_SUM].item() / count,
+                       "loc_norm": sums[_LOC_SUM].item() / count, "noise_norm": sums[_NOISE_SUM].item() / count})
+    return values, problems
+
+
 def health_problems(estimate, limits: HealthLimits = HealthLimits()) -> list[str]:
     """What makes ``estimate`` (an :class:`~lib_lightning.core.llc.LLCEstimate`) unhealthy; empty if nothing."""
-    problems = []
-    if estimate.failed:
-        problems.append(f"failed: {estimate.reason}")
-    diverged = int(estimate.diverged.sum())
-    if diverged and not estimate.failed:
-        problems.append(f"{diverged} of {len(estimate.diverged)} chains diverged")
-    acceptance = float(estimate.acceptance.nanmean()) if estimate.acceptance.numel() else math.nan
-    if math.isfinite(acceptance) and acceptance < limits.min_acceptance:
-        problems.append(f"MALA acceptance {acceptance:.3f} < {limits.min_acceptance} (epsilon too large)")
-    trending = int((estimate.trend.abs() > limits.max_trend).sum())
-    if trending:
-        problems.append(f"{trending} of {len(estimate.trend)} chains still trending after burn-in "
-                        f"(|t| > {limits.max_trend}: num_burnin too short)")
-    return problems
+    problems = metrics_from_sums(estimate_sums(estimate, limits), limits)[1]
+    return [f"{p}: {estimate.reason}" if p.endswith("non-finite loss") else p for p in problems]

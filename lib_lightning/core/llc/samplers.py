@@ -13,7 +13,9 @@ stationary law is the target up to discretisation (the drift correction of an ad
 
 Health terms per step: the norms of the gradient part (ε/2)·P·nβ·∇L_B, the localisation part
 (ε/2)·P·γ·(w − w*) and the noise part, and, every ``mala_every`` steps, the Metropolis-adjusted Langevin
-(MALA) acceptance probability of the step (Furman & Lau 2024): min(1, exp(U(w) − U(w') + log q(w|w') −
+(MALA) acceptance probability of the step (Furman & Lau 2024), on the kept draws only (a chain still
+moving from w* towards its typical set has a low acceptance for that reason alone, which the trend
+statistic reports separately): min(1, exp(U(w) − U(w') + log q(w|w') −
 log q(w'|w))) with q the Gaussian proposal above and U, ∇U at both ends evaluated on the step's own
 minibatch. An SGLD chain is accurate only when this correction would rarely reject.
 """
@@ -95,7 +97,7 @@ class ChainSetup:
         data: the tensors, n rows; forward, loss_fn: as in :func:`~lib_lightning.core.llc.estimate_llc`.
         sampler: one of :data:`SAMPLERS`; nbeta, epsilon, gamma: nβ, ε, γ.
         num_burnin, steps: discarded states and all states per chain; batch_size: rows per step (None: all).
-        mala_every: a MALA acceptance every this many steps (0: never); precond_decay, precond_floor: RMSprop.
+        mala_every: a MALA acceptance every this many kept steps (0: never); precond_decay, precond_floor: RMSprop.
     """
 
     model: Callable
@@ -182,7 +184,7 @@ def run_chain(setup: ChainSetup, gen: torch.Generator) -> ChainResult:
         w_new, step_norms = _move(setup, w, grad_part, loc_part, p, gen)
         norms += step_norms
         taken += 1
-        if setup.mala_every and t % setup.mala_every == 0:
+        if setup.mala_every and t >= setup.num_burnin and (t - setup.num_burnin) % setup.mala_every == 0:
             loss_new, grads_new = _evaluate(setup, w_new, batch)
             if grads_new is not None:
                 grad_new, loc_new = _drift(setup, w_new, grads_new)
