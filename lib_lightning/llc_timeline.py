@@ -1,0 +1,142 @@
+"""Refined LLCs across training beside each section's LIB dimension and edge count, over several runs.
+
+    python -m lib_lightning.llc_timeline --runs checkpoints/w13/seed0 checkpoints/w13/seed1 --out llc.png
+
+Reads each run's scalars (:func:`lib_lightning.timeline.read_scalars`: TensorBoard events and the LIB
+callback's ``lib/step_*.json``), draws one figure (λ̂ per section, λ̂ per data split, LIB dimension of
+each section's output layer, edges holding 99 % of the section's interaction weight, validation
+accuracy; one line per run, the mean over runs bold) and prints a markdown table of the values at the
+LLC steps and the step at which each quantity is halfway through its change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from lib_lightning.timeline import Series, read_scalars
+
+__all__ = ["MODADD_SECTIONS", "halfway_step", "plot_refined_llc", "refined_series", "main"]
+
+# section name in LLCCallback's ``sections`` -> (input node layer, output node layer) of the LIB callback
+MODADD_SECTIONS = {
+    "embed_attn": ("hook_resid_pre", "hook_resid_mid"),
+    "mlp": ("hook_resid_mid", "hook_resid_post"),
+    "unembed": ("hook_resid_post", "hook_logits"),
+}
+
+
+def refined_series(scalars: Mapping[str, Series], sections: Mapping[str, tuple[str, str]]) -> dict[str, Series]:
+    """The tags the figure needs, renamed: ``llc/<section>``, ``llc/whole``, ``llc/<split>``, ``dim/<section>``,
+    ``edges/<section>``, ``val/acc``; missing tags are left out."""
+    wanted = {"llc/whole": "llc/mean", "llc/val": "llc/val/mean", "val/acc": "val/acc"}
+    for name, (src, dst) in sections.items():
+        wanted[f"llc/{name}"] = f"llc/{name}/mean"
+        wanted[f"dim/{name}"] = f"lib/{dst}/dim_rel"
+        wanted[f"edges/{name}"] = f"edges/{src}->{dst}/lib_n99"
+    return {key: scalars[tag] for key, tag in wanted.items() if tag in scalars}
+
+
+def halfway_step(series: Series) -> int | None:
+    """The first step at which a series has covered half of its change from its extreme to its final value.
+
+    The extreme is the value furthest from the final one; None for a flat or single-point series.
+    """
+    steps, values = series
+    if len(values) < 2:
+        return None
+    final = values[-1]
+    extreme_at = max(range(len(values)), key=lambda i: abs(values[i] - final))
+    extreme = values[extreme_at]
+    if extreme == final:
+        return None
+    middle = (extreme + final) / 2
+    for step, value in zip(steps[extreme_at:], values[extreme_at:]):
+        if (value - middle) * (extreme - middle) <= 0:
+            return step
+    return None
+
+
+_PANELS = (
+    ("λ̂ per section (train)", lambda k: k.startswith("llc/") and k not in ("llc/val",), True),
+    ("λ̂ per split (whole model)", lambda k: k in ("llc/whole", "llc/val"), False),
+    ("LIB dimension (output layer)", lambda k: k.startswith("dim/"), False),
+    ("edges holding 99 % of E", lambda k: k.startswith("edges/"), True),
+    ("validation accuracy", lambda k: k == "val/acc", False),
+)
+
+
+def plot_refined_llc(runs: Sequence[Mapping[str, Series]], title: str = "") -> Figure:
+    """Five panels against the training step, one colour per section or split; thin lines are runs,
+    the thick line their mean at the steps all runs share."""
+    fig = Figure(figsize=(7.0, 10.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(_PANELS), 1, sharex=True)
+    keys = sorted({k for run in runs for k in run})
+    colours = {}
+    for ax, (label, selects, log_y) in zip(axes, _PANELS):
+        for key in (k for k in keys if selects(k)):
+            name = key.split("/", 1)[1] if key != "val/acc" else "val"
+            colour = colours.setdefault(name, f"C{len(colours) % 10}")
+            for run in runs:
+                if key in run:
+                    ax.plot(*run[key], color=colour, lw=0.6, alpha=0.5)
+            steps, mean = _mean_over_runs([run[key] for run in runs if key in run])
+            ax.plot(steps, mean, color=colour, lw=1.8, marker=".", ms=4, label=name)
+        if log_y:
+            ax.set_yscale("log")
+        elif label.startswith("λ̂ per split"):
+            ax.set_yscale("symlog", linthresh=10.0)
+            ax.axhline(0.0, color="black", lw=0.5)
+        ax.set_ylabel(label, fontsize="small")
+        ax.legend(fontsize="x-small", ncol=4)
+    axes[-1].set_xlabel("training step")
+    if title:
+        fig.suptitle(title, fontsize="medium")
+    return fig
+
+
+def _mean_over_runs(series: Sequence[Series]) -> Series:
+    common = sorted(set.intersection(*(set(s[0]) for s in series)))
+    lookup = [dict(zip(*s)) for s in series]
+    return common, [statistics.fmean(d[step] for d in lookup) for step in common]
+
+
+def summary_table(runs: Sequence[Mapping[str, Series]]) -> str:
+    """Markdown: per quantity, mean (min–max over runs) at each LLC step, and the halfway steps per run."""
+    keys = sorted({k for run in runs for k in run})
+    llc_steps = sorted(set.intersection(*(set(run["llc/whole"][0]) for run in runs if "llc/whole" in run)))
+    lines = ["| quantity | " + " | ".join(str(s) for s in llc_steps) + " | halfway step per run |",
+             "|---|" + "---|" * (len(llc_steps) + 1)]
+    for key in keys:
+        cells = []
+        for step in llc_steps:
+            values = [dict(zip(*run[key])).get(step) for run in runs if key in run]
+            values = [v for v in values if v is not None and math.isfinite(v)]
+            cells.append(f"{statistics.fmean(values):.4g} ({min(values):.3g}–{max(values):.3g})" if values else "–")
+        halfway = [halfway_step(run[key]) if key in run else None for run in runs]
+        lines.append(f"| {key} | " + " | ".join(cells) + " | " + ", ".join(str(h) for h in halfway) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(prog="python -m lib_lightning.llc_timeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", nargs="+", required=True, help="run folders (TensorBoard events, lib/step_*.json)")
+    parser.add_argument("--out", required=True, help="PNG to write")
+    parser.add_argument("--title", default="")
+    parser.add_argument("--dpi", type=int, default=80)
+    args = parser.parse_args(argv)
+    runs = [refined_series(read_scalars(run), MODADD_SECTIONS) for run in args.runs]
+    plot_refined_llc(runs, args.title).savefig(args.out, format="png", dpi=args.dpi)
+    table = summary_table(runs)
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()
