@@ -7,28 +7,21 @@ import inspect
 import math
 import re
 
-import lightning as L
 import pytest
 import yaml
 
 from callbacks.llc import LLCCallback
+from tests.callbacks.test_llc_callback import _fit
 from lib_lightning.cli import main
-from lib_lightning.data.modadd import ModularAdditionDataModule
 from lib_lightning.llc_calibrate import DEFAULTS, callback_settings
-from lib_lightning.tasks.classifier import ModularAddition
 
-SMALL = dict(p=23, d_model=32, n_heads=2, d_head=16, d_mlp=64, lr=1e-2)
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
-    L.seed_everything(0)
-    task = ModularAddition(**SMALL)
-    trainer = L.Trainer(max_steps=40, default_root_dir=root, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0)
-    trainer.fit(task, ModularAdditionDataModule(p=23, train_fraction=0.5, steps_per_epoch=10))
+    trainer, _ = _fit(root, 40)  # the LLC callback tests' tiny modular-addition run (p = 23)
     path = root / "tiny.ckpt"
     trainer.save_checkpoint(path)
     return path
