@@ -19,7 +19,10 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from lib_lightning.core.llc import SAMPLERS, HealthLimits, default_nbeta, estimate_llc, select_params
+from lib_lightning.core.capture import NodeLayer
 from lib_lightning.core.llc.health import NUM_FIELDS, estimate_sums, metrics_from_sums
+from lib_lightning.core.llc.sections import parameter_sections
+from lib_lightning.core.summary import short_names
 from lib_lightning.plotting import plot_traces
 
 __all__ = ["LLCCallback"]
@@ -63,7 +66,10 @@ class LLCCallback(Callback):
             of :func:`~lib_lightning.core.llc.estimate_llc`; ``nbeta=None`` is n / log n for the n
             examples of the split.
         sections: ``{name: [parameter names or glob patterns]}``, e.g. ``{"mlp": ["model.mlp_*"]}``: a
-            weight-refined estimate per section (on the training split).
+            weight-refined estimate per section (on the training split). ``"lib"``: the parameters
+            between consecutive node layers of the trainer's LIB callback
+            (:func:`~lib_lightning.core.llc.sections.parameter_sections`), named ``<a>-><b>`` as its
+            ``edges/<a>-><b>`` tags; resolved at the first estimate.
         splits: data splits for whole-model estimates, from ``("train", "val")``; ``"train"`` is logged as
             ``llc/...``, any other as ``llc/<split>/...``.
         min_acceptance, max_trend: health thresholds (:class:`~lib_lightning.core.llc.HealthLimits`).
@@ -89,7 +95,7 @@ class LLCCallback(Callback):
         batch_size: int | None = 128,
         sampler: str = "sgld",
         mala_every: int = 10,
-        sections: Mapping[str, Sequence[str]] | None = None,
+        sections: Mapping[str, Sequence[str]] | str | None = None,
         splits: Sequence[str] = ("train",),
         min_acceptance: float = 0.9,
         max_trend: float = 4.0,
@@ -117,7 +123,8 @@ class LLCCallback(Callback):
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         self.limits = HealthLimits(min_acceptance=min_acceptance, max_trend=max_trend)
-        self.sections = _check_sections(sections)
+        self._sections_from_lib = sections == "lib"
+        self.sections = {} if self._sections_from_lib else _check_sections(sections)
         self.splits = _check_splits(splits)
         self.schedule, self.num_points, self.first_step, self.max_steps = schedule, num_points, first_step, max_steps
         self.every_n_steps = every_n_steps
@@ -195,6 +202,8 @@ class LLCCallback(Callback):
             sums ``(estimates, NUM_FIELDS)`` float64 (:func:`~lib_lightning.core.llc.health.estimate_sums`) (rows in :attr:`estimates` order) and this rank's whole-model
             training estimate (None when it has no chain or that estimate is not scheduled).
         """
+        if self._sections_from_lib and not self.sections:
+            self.sections = self._lib_sections(trainer, pl_module)
         chains = list(range(rank, self.num_chains, world))
         sums = torch.zeros(len(self.estimates), NUM_FIELDS, dtype=torch.float64)
         local = None
@@ -242,6 +251,19 @@ class LLCCallback(Callback):
             if self.log_traces and local is not None and hasattr(getattr(logger, "experiment", None), "add_figure"):
                 logger.experiment.add_figure("llc/traces", plot_traces(local), global_step=step)
 
+    def _lib_sections(self, trainer, pl_module) -> dict[str, tuple[str, ...]]:
+        """The parameters between consecutive node layers of the trainer's LIB callback, by name."""
+        layers = next((cb.layers for cb in trainer.callbacks if isinstance(getattr(cb, "layers", None), list)
+                       and cb.layers and all(isinstance(layer, NodeLayer) for layer in cb.layers)), None)
+        if layers is None:
+            raise ValueError("sections='lib' needs a LIB analysis callback (callbacks.lib_analysis.LIBAnalysis) in the "
+                             "trainer: its node layers define the sections")
+        sample = tuple(t[:8] for t in self._analysis_data(trainer, pl_module, "train"))
+        found = parameter_sections(pl_module, [layer.module for layer in layers], lambda m: self.forward(m, sample),
+                                   use_input=[layer.use_input for layer in layers],
+                                   names=short_names([layer.name for layer in layers]))
+        return {name: tuple(params) for name, params in found.items() if params}
+
     def _analysis_data(self, trainer, pl_module, split: str = "train") -> tuple[torch.Tensor, ...]:
         if split in self._data:
             return self._data[split]
@@ -280,7 +302,7 @@ def _check_sections(sections: Mapping[str, Sequence[str]] | None) -> dict[str, t
     if sections is None:
         return {}
     if not isinstance(sections, Mapping):
-        raise ValueError(f"sections must map names to parameter patterns, got {sections!r}")
+        raise ValueError(f"sections must map names to parameter patterns, or be 'lib', got {sections!r}")
     checked = {}
     for name, patterns in sections.items():
         if not name or "/" in name or name in _SPLITS or name in _RESERVED:

@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.logger import Logger
 from torch.utils.data import DataLoader, TensorDataset
 
+from callbacks.lib_analysis import LIBAnalysis
 from callbacks.llc import LLCCallback
 from lib_lightning.data.modadd import ModularAdditionDataModule
 from lib_lightning.tasks.classifier import ModularAddition
@@ -192,6 +193,7 @@ def test_chains_split_across_ranks_give_the_single_process_sums(tmp_path):
         ({"splits": ["test"]}, r"splits must be distinct values from \('train', 'val'\), got \['test'\]"),
         ({"splits": []}, r"splits must be distinct values from \('train', 'val'\), got \[\]"),
         ({"sections": {"val": ["model.*"]}}, r"section name 'val' is not allowed"),
+        ({"sections": "all"}, r"sections must map names to parameter patterns, or be 'lib', got 'all'"),
         ({"sections": {"a/b": ["model.*"]}}, r"section name 'a/b' is not allowed"),
         ({"sections": {"mlp": []}}, r"section 'mlp' needs a non-empty list of parameter names or patterns, got \[\]"),
         ({"min_acceptance": 2.0}, r"min_acceptance must be in \[0, 1\], got min_acceptance=2.0"),
@@ -207,6 +209,24 @@ def test_unknown_section_parameter_lists_the_available_names(tmp_path):
     callback = LLCCallback(schedule="every", every_n_steps=5, sections={"mlp": ["model.mlp.*"]}, **FAST)
     with pytest.raises(ValueError, match=r"\['model.mlp.\*'\] match no trainable parameter; available: \[.*'model.mlp_in.weight'"):
         _fit(tmp_path, 5, callbacks=[callback])
+
+
+def test_sections_from_the_lib_callbacks_node_layers(tmp_path):
+    layers = ["model.hook_resid_pre", "model.hook_resid_mid", "model.hook_resid_post", "model.hook_logits"]
+    lib = LIBAnalysis(layers, every_n_steps=1000, at_start=False)  # only its node layers are used here
+    logger = MemoryLogger()
+    callback = LLCCallback(schedule="every", every_n_steps=5, sections="lib", log_traces=False, **FAST)
+    _fit(tmp_path, 5, callbacks=[lib, callback], logger=logger)
+    names = ["hook_resid_pre->hook_resid_mid", "hook_resid_mid->hook_resid_post", "hook_resid_post->hook_logits"]
+    assert list(callback.sections) == names  # the LIB callback's edges/<a>-><b> names
+    assert callback.sections[names[0]][:2] == ("model.pos_embed", "model.embed.weight")
+    assert callback.sections[names[1]] == ("model.mlp_in.weight", "model.mlp_in.bias", "model.mlp_out.weight",
+                                           "model.mlp_out.bias")
+    assert callback.sections[names[2]] == ("model.unembed.weight", "model.unembed.bias")
+    assert {f"llc/{name}/mean" for name in names} <= set(logger.llc()[5])
+    alone = LLCCallback(schedule="every", every_n_steps=5, sections="lib", **FAST)
+    with pytest.raises(ValueError, match=r"sections='lib' needs a LIB analysis callback"):
+        _fit(tmp_path / "alone", 5, callbacks=[alone])
 
 
 def test_unhealthy_estimate_warns_once_per_step_and_is_logged(tmp_path):

@@ -228,3 +228,32 @@ def test_bad_health_limits():
         HealthLimits(min_acceptance=1.5)
     with pytest.raises(ValueError, match=r"max_trend must be > 0, got max_trend=0.0"):
         HealthLimits(max_trend=0.0)
+
+
+def test_sections_follow_the_data_flow_between_node_layers():
+    """The transformer's hooks: embedding + attention, MLP, unembedding (the positional embedding, a bare
+    parameter of the top module, is placed by where it is read)."""
+    from lib_lightning.core.llc.sections import parameter_sections
+    from lib_lightning.models.transformer import ModAddTransformer
+
+    torch.manual_seed(0)
+    model = ModAddTransformer(7, d_model=8, n_heads=2, d_head=4, d_mlp=16)
+    tokens = torch.randint(7, (4, 3))
+    hooks = ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_logits"]
+    found = parameter_sections(model, hooks, lambda m: m(tokens), names=["pre", "mid", "post", "logits"])
+    attn = [f"attn.{p}.{k}" for p in "qkvo" for k in ("weight", "bias")]
+    assert found == {"pre->mid": ["pos_embed", "embed.weight", *attn],
+                     "mid->post": ["mlp_in.weight", "mlp_in.bias", "mlp_out.weight", "mlp_out.bias"],
+                     "post->logits": ["unembed.weight", "unembed.bias"]}
+    # mlp_out's input as a node layer fires before mlp_out runs; what is read before the first node
+    # layer (embedding, attention) joins the first section
+    found = parameter_sections(model, ["hook_resid_mid", "mlp_out", "hook_logits"], lambda m: m(tokens),
+                               use_input=[False, True, False])
+    assert found["hook_resid_mid->mlp_out"] == ["pos_embed", "embed.weight", *attn, "mlp_in.weight", "mlp_in.bias"]
+    assert found["mlp_out->hook_logits"] == ["mlp_out.weight", "mlp_out.bias", "unembed.weight", "unembed.bias"]
+    with pytest.raises(ValueError, match=r"node layer module\(s\) \['nope'\] not found; available: \['embed'"):
+        parameter_sections(model, ["nope", "hook_logits"], lambda m: m(tokens))
+    with pytest.raises(ValueError, match=r"sections need at least 2 node layers, got \['hook_logits'\]"):
+        parameter_sections(model, ["hook_logits"], lambda m: m(tokens))
+    with pytest.raises(ValueError, match=r"node layer\(s\) \['hook_logits'\] did not fire"):
+        parameter_sections(model, ["hook_resid_pre", "hook_logits"], lambda m: m.hook_resid_pre(m.embed(tokens)))
