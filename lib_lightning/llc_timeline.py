@@ -5,7 +5,8 @@
 Reads each run's scalars (:func:`lib_lightning.timeline.read_scalars`: TensorBoard events and the LIB
 callback's ``lib/step_*.json``), draws one figure (λ̂ per section, λ̂ per data split, LIB dimension of
 each section's output layer, edges holding 99 % of the section's interaction weight, validation
-accuracy; one line per run, the mean over runs bold) and prints a markdown table of the values at the
+accuracy; one line per run, the mean over runs bold; LIB dimension is that of the section's input node
+layer: the directions the section reads) and prints a markdown table of the values at the
 LLC steps and the step at which each quantity is halfway through its change.
 """
 
@@ -33,21 +34,39 @@ MODADD_SECTIONS = {
 
 def refined_series(scalars: Mapping[str, Series], sections: Mapping[str, tuple[str, str]]) -> dict[str, Series]:
     """The tags the figure needs, renamed: ``llc/<section>``, ``llc/whole``, ``llc/<split>``, ``dim/<section>``,
-    ``edges/<section>``, ``val/acc``; missing tags are left out."""
-    wanted = {"llc/whole": "llc/mean", "llc/val": "llc/val/mean", "val/acc": "val/acc"}
+    ``edges/<section>``, ``val/acc``; missing tags are left out.
+
+    Training-data estimates with a chain below L(w*) are dropped (w* is no local minimum there, as
+    mid-transition, and λ̂ is not defined); on held-out data that is the expected state, so they stay.
+    """
+    wanted = {"llc/whole": "llc/", "llc/val": "llc/val/", "val/acc": "val/acc"}
     for name, (src, dst) in sections.items():
-        wanted[f"llc/{name}"] = f"llc/{name}/mean"
-        wanted[f"dim/{name}"] = f"lib/{dst}/dim_rel"
+        wanted[f"llc/{name}"] = f"llc/{name}/"
+        wanted[f"dim/{name}"] = f"lib/{src}/dim_rel"  # what the section reads (a final identity layer has none)
         wanted[f"edges/{name}"] = f"edges/{src}->{dst}/lib_n99"
-    return {key: scalars[tag] for key, tag in wanted.items() if tag in scalars}
+    out = {}
+    for key, tag in wanted.items():
+        if not tag.endswith("/"):
+            if tag in scalars:
+                out[key] = scalars[tag]
+            continue
+        if tag + "mean" not in scalars:
+            continue
+        below = dict(zip(*scalars.get(tag + "below_init_chains", ([], []))))
+        keep = key == "llc/val"
+        steps, values = scalars[tag + "mean"]
+        pairs = [(s, v) for s, v in zip(steps, values) if keep or below.get(s, 0) == 0]
+        out[key] = ([s for s, _ in pairs], [v for _, v in pairs])
+    return out
 
 
-def halfway_step(series: Series) -> int | None:
+def halfway_step(series: Series, start: int = 0) -> int | None:
     """The first step at which a series has covered half of its change from its extreme to its final value.
 
-    The extreme is the value furthest from the final one; None for a flat or single-point series.
+    Only steps ≥ ``start`` count; the extreme is the value furthest from the final one; None for a flat
+    or single-point series.
     """
-    steps, values = series
+    steps, values = zip(*[(s, v) for s, v in zip(*series) if s >= start]) if series[0] else ((), ())
     if len(values) < 2:
         return None
     final = values[-1]
@@ -65,7 +84,7 @@ def halfway_step(series: Series) -> int | None:
 _PANELS = (
     ("λ̂ per section (train)", lambda k: k.startswith("llc/") and k not in ("llc/val",), True),
     ("λ̂ per split (whole model)", lambda k: k in ("llc/whole", "llc/val"), False),
-    ("LIB dimension (output layer)", lambda k: k.startswith("dim/"), False),
+    ("LIB dimension of the section's input", lambda k: k.startswith("dim/"), False),
     ("edges holding 99 % of E", lambda k: k.startswith("edges/"), True),
     ("validation accuracy", lambda k: k == "val/acc", False),
 )
@@ -81,7 +100,7 @@ def plot_refined_llc(runs: Sequence[Mapping[str, Series]], title: str = "") -> F
     colours = {}
     for ax, (label, selects, log_y) in zip(axes, _PANELS):
         for key in (k for k in keys if selects(k)):
-            name = key.split("/", 1)[1] if key != "val/acc" else "val"
+            name = key.split("/", 1)[1] if key != "val/acc" else "val/acc"
             colour = colours.setdefault(name, f"C{len(colours) % 10}")
             for run in runs:
                 if key in run:
@@ -107,19 +126,27 @@ def _mean_over_runs(series: Sequence[Series]) -> Series:
     return common, [statistics.fmean(d[step] for d in lookup) for step in common]
 
 
+def _value_at(series: Series, step: int) -> float | None:
+    """The value logged at ``step``, else the last one before it within 10 steps (validation runs at
+    steps ending in 9), else None."""
+    before = [(s, v) for s, v in zip(*series) if step - 10 < s <= step]
+    return before[-1][1] if before else None
+
+
 def summary_table(runs: Sequence[Mapping[str, Series]]) -> str:
-    """Markdown: per quantity, mean (min–max over runs) at each LLC step, and the halfway steps per run."""
+    """Markdown: per quantity, mean (min–max over runs) at each LLC step, and the halfway steps per run
+    (from the first LLC step on, so that every quantity is measured over the same stretch)."""
     keys = sorted({k for run in runs for k in run})
-    llc_steps = sorted(set.intersection(*(set(run["llc/whole"][0]) for run in runs if "llc/whole" in run)))
+    llc_steps = sorted(set.union(*(set(run["llc/val"][0]) | set(run["llc/whole"][0]) for run in runs if "llc/val" in run)))
     lines = ["| quantity | " + " | ".join(str(s) for s in llc_steps) + " | halfway step per run |",
              "|---|" + "---|" * (len(llc_steps) + 1)]
     for key in keys:
         cells = []
         for step in llc_steps:
-            values = [dict(zip(*run[key])).get(step) for run in runs if key in run]
+            values = [_value_at(run[key], step) for run in runs if key in run]
             values = [v for v in values if v is not None and math.isfinite(v)]
             cells.append(f"{statistics.fmean(values):.4g} ({min(values):.3g}–{max(values):.3g})" if values else "–")
-        halfway = [halfway_step(run[key]) if key in run else None for run in runs]
+        halfway = [halfway_step(run[key], start=llc_steps[0]) if key in run else None for run in runs]
         lines.append(f"| {key} | " + " | ".join(cells) + " | " + ", ".join(str(h) for h in halfway) + " |")
     return "\n".join(lines)
 

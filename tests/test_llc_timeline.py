@@ -10,6 +10,7 @@ def test_halfway_step_closed_forms():
     assert halfway_step(([0, 125, 250], [0.01, 0.6, 1.0])) == 125  # rising: halfway 0.505
     assert halfway_step(([0, 250, 500], [50.0, 80.0, 20.0])) == 500  # extreme is the peak at 250
     assert halfway_step(([0, 1], [3.0, 3.0])) is None and halfway_step(([0], [1.0])) is None
+    assert halfway_step(([0, 250, 500, 750], [900.0, 400.0, 100.0, 20.0]), start=250) == 500  # ignores step 0
 
 
 def _run(scale):
@@ -18,7 +19,7 @@ def _run(scale):
         "llc/mean": (steps, [400 * scale, 200 * scale, 20 * scale]),
         "llc/val/mean": (steps, [-900.0, -100.0, 30.0]),
         "llc/mlp/mean": (steps, [190.0, 90.0, 10.0]),
-        "lib/hook_resid_post/dim_rel": ([125, 250, 500, 750], [100.0, 90.0, 40.0, 30.0]),
+        "lib/hook_resid_mid/dim_rel": ([125, 250, 500, 750], [100.0, 90.0, 40.0, 30.0]),
         "edges/hook_resid_mid->hook_resid_post/lib_n99": (steps, [5000.0, 900.0, 300.0]),
         "val/acc": (steps, [0.01, 0.5, 1.0]),
         "train/loss": (steps, [0.1, 0.01, 0.001]),
