@@ -152,7 +152,8 @@ def recommend(table: LLCCalibration, nbeta: float | None = None) -> Recommendati
     if best is None:
         first = order[0]
         reason = (f"no swept epsilon is healthy at nbeta={b:.4g}: the smallest, {table.epsilons[first].item():.3g}, "
-                  f"has {'; '.join(table.problems[first][j])}; sweep smaller steps")
+                  f"has {'; '.join(table.problems[first][j])}; sweep smaller steps, or a longer num_burnin if the "
+                  "acceptance rises with epsilon (chains not yet spread into the flat directions)")
         return Recommendation(math.nan, b, math.nan, math.nan, reason)
     eps = table.epsilons[best].item()
     reason = (f"epsilon={eps:.3g} is the largest swept step whose chains at nbeta={b:.4g} are healthy "

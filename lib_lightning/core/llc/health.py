@@ -11,7 +11,10 @@ Thresholds (:class:`HealthLimits`), each a named argument:
 
 - ``min_acceptance = 0.9``: the mean MALA acceptance probability across chains. An uncorrected SGLD
   chain is accurate only when a Metropolis correction would seldom reject; MALA's 0.574 optimum is for
-  a chain that is corrected, so an SGLD chain must stay well above it.
+  a chain that is corrected, so an SGLD chain must stay well above it. The acceptance is a
+  discretisation diagnostic only once a chain is stationary in every direction: in many dimensions a
+  chain still spreading into the flat, γ-held directions (burn-in shorter than a few 1/(εγ) steps)
+  reads low too, and there a smaller ε makes it lower, not higher.
 - ``max_trend = 4.0``: |t| of a chain's trend; above it the chain is counted as trending (with 10
   blocks of independent means, |t| > 4 happens by chance in 0.4 % of stationary chains; correlated
   blocks, from a chain that mixes within fewer steps than a block, raise that rate).
@@ -123,7 +126,8 @@ def metrics_from_sums(sums: torch.Tensor, limits: HealthLimits = HealthLimits())
     elif sums[_DIVERGED] > 0:
         problems.append(f"{int(sums[_DIVERGED])} of {int(count)} chains diverged")
     if acceptance < limits.min_acceptance:
-        problems.append(f"MALA acceptance {acceptance:.3f} < {limits.min_acceptance} (epsilon too large)")
+        problems.append(f"MALA acceptance {acceptance:.3f} < {limits.min_acceptance} (epsilon too large, or num_burnin "
+                        "too short for the chains to spread into the flat directions)")
     if sums[_TRENDING] > 0:
         problems.append(f"{int(sums[_TRENDING])} of {int(count)} chains still trending after burn-in "
                         f"(|t| > {limits.max_trend}: num_burnin too short)")
