@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from lib_lightning.core.llc import HealthLimits, calibrate, default_nbeta, estimate_llc, health_problems, recommend
+from lib_lightning.core.llc import HealthLimits, LLCCalibration, calibrate, default_nbeta, estimate_llc, health_problems, recommend
 from lib_lightning.core.llc.health import trend
 from lib_lightning.core.llc.samplers import Preconditioner, log_acceptance
 from tests.core.test_llc import N, SEEDS, Product, Sum, TwoInputs, llc, nll, product_reference, regression_data
@@ -202,6 +202,25 @@ def test_calibration_recommends_the_largest_healthy_step():
     assert math.isnan(none.epsilon) and "no swept epsilon is healthy" in none.reason
     with pytest.raises(ValueError, match=r"nbeta=1.0 is not one of the swept values"):
         recommend(table, nbeta=1.0)
+
+
+def test_recommendation_skips_small_steps_that_fail_for_want_of_burn_in():
+    """Cells in increasing ε: trending (too short a burn-in), healthy, healthy, low acceptance, healthy
+    (a lucky cell past a failure): the third is picked."""
+    problems = [("1 of 2 chains still trending",), (), (), ("MALA acceptance 0.8 < 0.9",), ()]
+    cells = len(problems)
+    table = LLCCalibration(
+        epsilons=torch.tensor([1e-6, 2e-6, 5e-6, 1e-5, 2e-5], dtype=torch.float64),
+        nbetas=torch.tensor([100.0], dtype=torch.float64), mean=torch.arange(cells, dtype=torch.float64)[:, None],
+        std=torch.ones(cells, 1, dtype=torch.float64), diverged=torch.zeros(cells, 1, dtype=torch.float64),
+        below_init=torch.zeros(cells, 1, dtype=torch.float64), failed=torch.zeros(cells, 1, dtype=torch.bool),
+        llc_traces=torch.zeros(cells, 1, 3, dtype=torch.float64), num_burnin=1,
+        acceptance=torch.full((cells, 1), 0.95, dtype=torch.float64), trend=torch.ones(cells, 1, dtype=torch.float64),
+        problems=tuple((p,) for p in problems),
+    )
+    choice = recommend(table)
+    assert choice.epsilon == 5e-6 and choice.mean == 2.0
+    assert "the next, epsilon=1e-05, has MALA acceptance 0.8 < 0.9" in choice.reason
 
 
 @pytest.mark.parametrize(

@@ -120,11 +120,12 @@ class Recommendation:
 
 
 def recommend(table: LLCCalibration, nbeta: float | None = None) -> Recommendation:
-    """The largest swept ε whose cell, and every cell of smaller ε, is healthy at the chosen nβ.
+    """The largest ε of the first unbroken run of healthy cells, in increasing ε, at the chosen nβ.
 
     Healthy: no problem in ``table.problems`` (no failed, diverged, below-init or trending chain, MALA
-    acceptance above the limit). Requiring every smaller ε to be healthy too keeps a lucky cell past the
-    first unhealthy one from being picked.
+    acceptance above the limit). The run starts at the smallest healthy ε (the smallest steps can fail
+    for another reason: too short a burn-in for their small moves) and ends before the first unhealthy
+    cell after it, so that a lucky cell past a failure is never picked.
 
     Args:
         table: a :func:`calibrate` sweep.
@@ -146,7 +147,9 @@ def recommend(table: LLCCalibration, nbeta: float | None = None) -> Recommendati
     best = None
     for i in order:
         if table.problems[i][j]:
-            break
+            if best is not None:
+                break
+            continue
         best = i
     b = nbetas[j]
     if best is None:
