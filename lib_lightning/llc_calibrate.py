@@ -95,9 +95,9 @@ def _table_rows(table, settings: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _yaml_float(x: float) -> str:
+def _yaml_float(x: float, digits: int = 3) -> str:
     """``x`` as a float YAML 1.1 reads back as one (``5.0e-05``, not the string ``5e-05``)."""
-    mantissa, _, exponent = f"{x:.3g}".partition("e")
+    mantissa, _, exponent = f"{x:.{digits}g}".partition("e")
     mantissa = mantissa if "." in mantissa else mantissa + ".0"
     return mantissa + ("e" + exponent if exponent else "")
 
@@ -107,7 +107,7 @@ def _yaml_snippet(settings: dict[str, Any], epsilon: float, nbeta: float) -> str
     for key in ("num_chains", "num_burnin", "num_draws"):
         lines.append(f"        {key}: {settings[key]}")
     lines += [f"        epsilon: {_yaml_float(epsilon)}", f"        gamma: {_yaml_float(settings['gamma'])}",
-              f"        nbeta: {_yaml_float(nbeta)}",
+              f"        nbeta: {_yaml_float(nbeta, digits=6)}",
               f"        batch_size: {settings['batch_size']}", f"        sampler: {settings['sampler']}"]
     return "\n".join(lines) + "\n"
 

@@ -31,21 +31,21 @@ def test_sweep_writes_table_figure_and_a_pasteable_recommendation(ckpt, tmp_path
     out = tmp_path / "out"
     epsilons = [1e-6, 1e-5, 1e-2]  # the last is far too large for this model (the smallest, ε·γ ≈ 0)
     result = main(["llc-calibrate", "--ckpt", str(ckpt), "--out", str(out), "--epsilons", *map(str, epsilons),
-                   "--nbetas", "20", "47.3", "--num-chains", "2", "--num-burnin", "5", "--num-draws", "10",
+                   "--nbetas", "20.25", "47.3", "--num-chains", "2", "--num-burnin", "5", "--num-draws", "10",
                    "--mala-every", "2", "--batch-size", "64", "--threads", "1"])
     with open(out / "calibration.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [(float(r["epsilon"]), float(r["nbeta"])) for r in rows] == [(e, b) for e in epsilons for b in (20, 47.3)]
+    assert [(float(r["epsilon"]), float(r["nbeta"])) for r in rows] == [(e, b) for e in epsilons for b in (20.25, 47.3)]
     assert rows[-1]["healthy"] == "False" and rows[0]["healthy"] == "True"
     assert (out / "calibration.png").read_bytes()[:8] == PNG
     choice = result["recommendation"]
-    assert choice.epsilon in epsilons[:2] and choice.nbeta == 20.0  # nearest the middle of the swept nβ (log)
+    assert choice.epsilon in epsilons[:2] and choice.nbeta == 20.25  # nearest the middle of the swept nβ (log)
     printed = capsys.readouterr().out
     assert "| epsilon | nbeta |" in printed and "Recommended: epsilon=" in printed
     pasted = yaml.safe_load((out / "recommendation.yaml").read_text())
     assert pasted[0]["class_path"] == "callbacks.llc.LLCCallback"
     assert pasted[0]["init_args"]["epsilon"] == pytest.approx(choice.epsilon, rel=1e-2)
-    assert pasted[0]["init_args"]["nbeta"] == pytest.approx(20.0) and pasted[0]["init_args"]["gamma"] == 1000.0
+    assert pasted[0]["init_args"]["nbeta"] == 20.25 and pasted[0]["init_args"]["gamma"] == 1000.0
     assert pasted[0]["init_args"]["num_chains"] == 2 and pasted[0]["init_args"]["sampler"] == "sgld"
 
 
