@@ -90,31 +90,42 @@ _PANELS = (
 )
 
 
-def plot_refined_llc(runs: Sequence[Mapping[str, Series]], title: str = "") -> Figure:
+def plot_refined_llc(runs: Sequence[Mapping[str, Series]], title: str = "", align: bool = False) -> Figure:
     """Five panels against the training step, one colour per section or split; thin lines are runs,
-    the thick line their mean at the steps all runs share."""
+    the thick line their mean at the steps all runs share.
+
+    With ``align``, each run's steps are shifted by the step at which its validation accuracy is
+    halfway to its final value (grokking at 0); runs are then told apart by line style, without a mean.
+    """
     fig = Figure(figsize=(7.0, 10.5), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(_PANELS), 1, sharex=True)
     keys = sorted({k for run in runs for k in run})
+    shifts = [(halfway_step(run["val/acc"]) or 0) if align and "val/acc" in run else 0 for run in runs]
+    styles = ("-", "--", ":", "-.")
     colours = {}
     for ax, (label, selects, log_y) in zip(axes, _PANELS):
         for key in (k for k in keys if selects(k)):
             name = key.split("/", 1)[1] if key != "val/acc" else "val/acc"
             colour = colours.setdefault(name, f"C{len(colours) % 10}")
-            for run in runs:
+            for r, (run, shift) in enumerate(zip(runs, shifts)):
                 if key in run:
-                    ax.plot(*run[key], color=colour, lw=0.6, alpha=0.5)
-            steps, mean = _mean_over_runs([run[key] for run in runs if key in run])
-            ax.plot(steps, mean, color=colour, lw=1.8, marker=".", ms=4, label=name)
+                    steps = [step - shift for step in run[key][0]]
+                    style = dict(ls=styles[r % len(styles)], lw=1.2, marker=".", ms=3) if align else dict(lw=0.6, alpha=0.5)
+                    ax.plot(steps, run[key][1], color=colour, label=name if align and r == 0 else None, **style)
+            if not align:
+                steps, mean = _mean_over_runs([run[key] for run in runs if key in run])
+                ax.plot(steps, mean, color=colour, lw=1.8, marker=".", ms=4, label=name)
         if log_y:
             ax.set_yscale("log")
         elif label.startswith("λ̂ per split"):
             ax.set_yscale("symlog", linthresh=10.0)
             ax.axhline(0.0, color="black", lw=0.5)
+        if align:
+            ax.axvline(0.0, color="grey", lw=0.8, ls=":")
         ax.set_ylabel(label, fontsize="small")
         ax.legend(fontsize="x-small", ncol=4)
-    axes[-1].set_xlabel("training step")
+    axes[-1].set_xlabel("training step − step of half validation accuracy" if align else "training step")
     if title:
         fig.suptitle(title, fontsize="medium")
     return fig
@@ -157,9 +168,10 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--out", required=True, help="PNG to write")
     parser.add_argument("--title", default="")
     parser.add_argument("--dpi", type=int, default=80)
+    parser.add_argument("--align", action="store_true", help="shift each run to its grokking step (half val/acc)")
     args = parser.parse_args(argv)
     runs = [refined_series(read_scalars(run), MODADD_SECTIONS) for run in args.runs]
-    plot_refined_llc(runs, args.title).savefig(args.out, format="png", dpi=args.dpi)
+    plot_refined_llc(runs, args.title, align=args.align).savefig(args.out, format="png", dpi=args.dpi)
     table = summary_table(runs)
     print(table)
     return table

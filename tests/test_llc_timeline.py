@@ -31,6 +31,8 @@ def test_series_figure_and_table():
     assert set(runs[0]) == {"llc/whole", "llc/val", "llc/mlp", "dim/mlp", "edges/mlp", "val/acc"}
     fig = plot_refined_llc(runs)
     assert len(fig.axes) == 5 and fig.axes[0].get_yscale() == "log" and fig.axes[1].get_yscale() == "symlog"
+    aligned = plot_refined_llc(runs, align=True)  # val/acc first reaches halfway (0.505) at step 750
+    assert list(aligned.axes[0].lines[0].get_xdata()) == [-500, -250, 0]
     table = summary_table(runs)
     row = next(line for line in table.splitlines() if line.startswith("| llc/whole |"))
     assert "420 (400–440)" in row and row.endswith("| 500, 500 |")
