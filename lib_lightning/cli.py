@@ -129,13 +129,18 @@ def check_config_files(argv: list[str]) -> None:
 def main(args: list[str] | None = None, run: bool = True) -> LibCLI | dict:
     """Run the CLI (``run=False`` parses the config and instantiates its classes without running).
 
-    ``analyze ...`` runs the offline analysis of a checkpoint instead (:mod:`lib_lightning.analyze`).
+    ``analyze ...`` runs the offline analysis of a checkpoint instead (:mod:`lib_lightning.analyze`);
+    ``llc-calibrate ...`` sweeps the LLC sampler's settings on one (:mod:`lib_lightning.llc_calibrate`).
     """
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["analyze"]:
         from lib_lightning.analyze import main as analyze
 
         return analyze(argv[1:])
+    if argv[:1] == ["llc-calibrate"]:
+        from lib_lightning.llc_calibrate import main as llc_calibrate
+
+        return llc_calibrate(argv[1:])
     check_config_files(argv)
     try:
         return LibCLI(

@@ -136,11 +136,12 @@ def plot_edge_ablation(results: Mapping[str, Sequence[Any]]) -> Figure:
 def plot_calibration(table: LLCCalibration) -> Figure:
     """A figure of a calibration: per nβ, the chain-mean nβ·(L_B − L(w*)) trace for each ε; last, λ̂ vs ε.
 
-    Flagged cells (any diverged, below-init or failed chain) are drawn with an ``x``. Built on
+    Flagged cells (any problem in ``table.problems``: a failed, diverged, below-init or trending chain,
+    or a low MALA acceptance) are drawn with an ``x``. Built on
     matplotlib's Agg canvas without pyplot, so it never changes the global backend.
     """
     n_eps, n_beta = table.mean.shape
-    flagged = (table.diverged > 0) | (table.below_init > 0) | table.failed  # (E, B)
+    flagged = torch.tensor([[bool(cell) for cell in row] for row in table.problems])  # (E, B)
     healthy = table.llc_traces[~flagged]  # (cells, steps)
     # Values span from below zero to 1e12 and more near instability: symlog axes, capped at the
     # largest unflagged value.

@@ -205,7 +205,7 @@ def test_the_llc_callback_takes_batches_of_batch_encodings(tmp_path):
     cb = _EncodingLLC(schedule="every", every_n_steps=2, num_chains=2, num_draws=4, num_burnin=2, batch_size=16,
                       num_batches=3, log_traces=False)
     _trainer(tmp_path, 4, [cb]).fit(BagOfTokens(), PaddedTokens())
-    encoding, labels = cb._data
+    encoding, labels = cb._data["train"]
     assert type(encoding) is BatchEncoding and encoding["input_ids"].shape == (48, 7) and labels.shape == (48,)
     assert [step for step, _, _ in cb.history] == [2, 4]
     assert all(torch.isfinite(torch.tensor([mean, std])).all() for _, mean, std in cb.history)

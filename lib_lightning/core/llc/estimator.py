@@ -1,4 +1,4 @@
-"""Local learning coefficient (LLC) by stochastic-gradient Langevin dynamics localised at w*.
+"""The LLC estimate: λ̂ by Langevin chains localised at w*, over all or a chosen subset of the weights.
 
 Singular learning theory's learning coefficient λ measures how degenerate (broad) the loss basin at
 w* is: a regular model with d parameters has λ = d/2, a degenerate one less. It is estimated as
@@ -11,8 +11,13 @@ started at w*, each step
 
     w ← w − (ε/2)·(nβ·∇L_B(w) + γ·(w − w*)) + N(0, ε)
 
-with L_B a minibatch loss; after ``num_burnin`` steps, each of ``num_draws`` states contributes its
-minibatch loss (an unbiased estimate of L(w)). Chains run on cloned parameters through
+with L_B a minibatch loss (:mod:`~lib_lightning.core.llc.samplers` has the preconditioned variant);
+after ``num_burnin`` steps, each of ``num_draws`` states contributes its minibatch loss (an unbiased
+estimate of L(w)).
+
+Refined LLCs (Wang et al. 2024, arXiv 2410.02984): ``params`` samples only the parameters it names (the
+rest held at w*), which gives the weight-refined λ̂ of that part, a regular part of dimension d giving
+d/2; passing another data set (e.g. held-out examples) gives the data-refined λ̂ on it. Chains run on cloned parameters through
 ``torch.func.functional_call``: the module's parameters and ``.grad`` are never touched, and all
 randomness comes from the given ``torch.Generator``\\ s, never the global RNG.
 
@@ -25,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
@@ -33,14 +39,10 @@ from torch import nn
 from torch.func import functional_call
 
 from lib_lightning.core import batch as nested
+from lib_lightning.core.llc.health import stderr, trend
+from lib_lightning.core.llc.samplers import SAMPLERS, ChainResult, ChainSetup, run_chain
 
-__all__ = [
-    "LLCCalibration",
-    "LLCEstimate",
-    "calibrate",
-    "default_nbeta",
-    "estimate_llc",
-]
+__all__ = ["LLCEstimate", "default_nbeta", "estimate_llc", "select_params"]
 
 Batch = Any  # a tuple of tensors such as (inputs, labels), or any nesting of them
 
@@ -55,7 +57,7 @@ def _default_loss(output: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class LLCEstimate:
-    """One LLC estimate and its chain-health diagnostics.
+    """One LLC estimate and its sampler-health diagnostics (thresholds: :mod:`~lib_lightning.core.llc.health`).
 
     Fields:
         mean: ``()`` float64, λ̂ averaged over chains (NaN when ``failed``).
@@ -67,8 +69,14 @@ class LLCEstimate:
         diverged: ``(chains,)`` bool, a non-finite loss or an estimate above ``max_llc``.
         below_init: ``(chains,)`` bool, kept losses below L(w*) by more than ``below_init_sigmas``
             standard errors: w* is not a local minimum, or ε is too large.
+        acceptance: ``(chains,)`` float64 mean MALA acceptance probability of the chain's steps after
+            burn-in (NaN if none was evaluated).
+        grad_norm, loc_norm, noise_norm: ``(chains,)`` float64 mean norms of the update's gradient,
+            localisation and noise terms.
+        trend: ``(chains,)`` float64 t statistic of the kept losses' drift (still moving after burn-in).
         failed: whether a loss was non-finite; ``reason`` says where.
-        nbeta, epsilon, gamma, num_burnin: the settings used.
+        nbeta, epsilon, gamma, num_burnin: the settings used; sampler: its name.
+        params: names of the sampled parameters; num_params: their total size d.
     """
 
     mean: torch.Tensor
@@ -78,12 +86,20 @@ class LLCEstimate:
     init_loss: torch.Tensor
     diverged: torch.Tensor
     below_init: torch.Tensor
+    acceptance: torch.Tensor
+    grad_norm: torch.Tensor
+    loc_norm: torch.Tensor
+    noise_norm: torch.Tensor
+    trend: torch.Tensor
     failed: bool
     reason: str
     nbeta: float
     epsilon: float
     gamma: float
     num_burnin: int
+    sampler: str = "sgld"
+    params: tuple[str, ...] = ()
+    num_params: int = 0
 
 
 def default_nbeta(n: int) -> float:
@@ -124,32 +140,23 @@ def _mean_loss(call, data: Batch, n: int, forward, loss_fn, eval_batch_size: int
     return loss_sum / n
 
 
-def _chain(model, w_star, fixed, data, n, forward, loss_fn, nbeta, epsilon, gamma, steps, batch_size, gen):
-    """One SGLD chain from w*; returns its minibatch-loss trace ``(steps,)`` (NaN after a non-finite loss)."""
-    trace = torch.full((steps,), float("nan"), dtype=torch.float64)
-    w = dict(w_star)
-    noise_scale = math.sqrt(epsilon)
-    for t in range(steps):
-        if batch_size is None or batch_size >= n:
-            batch = data
-        else:
-            idx = torch.randperm(n, generator=gen, device=gen.device)[:batch_size]
-            batch = nested.select(data, idx)
-        leaves = {k: v.detach().requires_grad_(True) for k, v in w.items()}
-        state = {**fixed, **leaves}
-        loss = loss_fn(forward(lambda *a, **kw: functional_call(model, state, a, kw), batch), batch)
-        trace[t] = value = float(loss.detach())
-        if not math.isfinite(value):
-            break
-        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-        with torch.no_grad():
-            for (k, v), g in zip(leaves.items(), grads):
-                drift = gamma * (v - w_star[k])
-                if g is not None:
-                    drift = drift + nbeta * g
-                noise = torch.randn(v.shape, generator=gen, dtype=v.dtype, device=gen.device).to(v.device)
-                w[k] = v.detach() - 0.5 * epsilon * drift + noise_scale * noise
-    return trace
+def select_params(model: nn.Module, patterns: Sequence[str] | None) -> list[str]:
+    """Names of the trainable parameters matching any of ``patterns`` (exact names or ``fnmatch`` globs,
+    e.g. ``"model.attn.*"``), in the module's order; all trainable ones for ``None``.
+
+    Raises:
+        ValueError: if ``patterns`` is empty or a pattern matches no trainable parameter (the message
+            lists the available names).
+    """
+    names = [k for k, v in model.named_parameters() if v.requires_grad]
+    if patterns is None:
+        return names
+    if isinstance(patterns, str) or len(patterns) == 0:
+        raise ValueError(f"params must be a non-empty list of names or glob patterns, got {patterns!r}")
+    unmatched = [p for p in patterns if not any(fnmatchcase(k, p) for k in names)]
+    if unmatched:
+        raise ValueError(f"params pattern(s) {unmatched} match no trainable parameter; available: {names}")
+    return [k for k in names if any(fnmatchcase(k, p) for p in patterns)]
 
 
 def estimate_llc(
@@ -158,6 +165,8 @@ def estimate_llc(
     *,
     forward: Callable[[Callable, Batch], torch.Tensor] = _default_forward,
     loss_fn: Callable[[torch.Tensor, Batch], torch.Tensor] = _default_loss,
+    params: Sequence[str] | None = None,
+    sampler: str = "sgld",
     num_chains: int = 4,
     num_draws: int = 100,
     num_burnin: int = 50,
@@ -168,27 +177,34 @@ def estimate_llc(
     eval_batch_size: int = 4096,
     max_llc: float | None = None,
     below_init_sigmas: float = 3.0,
+    mala_every: int = 10,
+    precond_decay: float = 0.99,
+    precond_floor: float = 0.1,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> LLCEstimate:
-    """λ̂ = nβ·(E[L(w)] − L(w*)) by SGLD chains localised at the module's current weights w*.
+    """λ̂ = nβ·(E[L(w)] − L(w*)) by Langevin chains localised at the module's current weights w*.
 
     Call it with the module in eval mode (dropout would otherwise draw from the global RNG). Buffers
     are passed as clones, so even train-mode batch norm leaves the module untouched. The chains run the
-    module itself at swapped-in weights, so forward hooks registered on it fire at every SGLD step.
+    module itself at swapped-in weights, so forward hooks registered on it fire at every step.
 
     Args:
         model: the module at w*. Parameters with ``requires_grad=False`` are held fixed.
         data: tensors sharing their first dimension (examples), e.g. ``(inputs, labels)``, or any nesting
             of tuples, lists, dicts and mappings of them (see :mod:`lib_lightning.core.batch`), on the
-            module's device; minibatches are examples drawn without replacement.
+            module's device; minibatches are examples drawn without replacement. A held-out set
+            here gives the data-refined LLC.
         forward: ``forward(call, batch) -> output``; ``call`` has the module's signature and runs it at
             a chain's weights. Default ``call(batch[0])``.
         loss_fn: ``loss_fn(output, batch) -> scalar``, the per-example average negative log-likelihood.
             Default cross-entropy against ``batch[-1]``.
+        params: sample only the parameters with these names or glob patterns (:func:`select_params`),
+            holding the rest at w*: the weight-refined LLC. Default: every trainable parameter.
+        sampler: ``"sgld"`` or ``"rmsprop_sgld"`` (:mod:`~lib_lightning.core.llc.samplers`).
         num_chains, num_draws, num_burnin: chains, kept states per chain, discarded states per chain.
-        epsilon: SGLD step size ε > 0. Too large: chains diverge or fall below L(w*). The defaults of
+        epsilon: step size ε > 0. Too large: chains diverge or fall below L(w*). The defaults of
             ε, γ, batch size and chain lengths were calibrated on the modular-addition transformer
-            (``benchmarks/llc.py``); run :func:`calibrate` for another model.
+            (``benchmarks/llc.py``); run :func:`~lib_lightning.core.llc.calibrate` for another model.
         gamma: localisation strength γ ≥ 0.
         nbeta: inverse temperature nβ > 0; default n / log n with n = len(data).
         batch_size: minibatch size; ``None`` or ≥ n for the full-batch loss.
@@ -197,6 +213,9 @@ def estimate_llc(
             of a regular model with d sampled parameters (the largest λ can be), leaving room for noise.
         below_init_sigmas: a chain is flagged ``below_init`` when its mean kept loss is below L(w*) by
             more than this many standard errors (batch means over 10 blocks of draws).
+        mala_every: estimate the MALA acceptance probability every this many kept draws (0: never). Each
+            costs one more forward and backward pass on a minibatch; free with the full batch.
+        precond_decay, precond_floor: the RMSprop preconditioner's EMA decay in [0, 1) and floor δ > 0.
         generator: one generator for all chains (run in turn), or one per chain (its length must be
             ``num_chains``); chains are then independent of how they are split across processes.
             Default: a CPU generator seeded with 0.
@@ -208,24 +227,15 @@ def estimate_llc(
         ValueError: for a bad setting, empty data, or a module without trainable parameters.
     """
     n = _check_data(data)
-    for name, value in (("epsilon", epsilon), ("nbeta", nbeta), ("below_init_sigmas", below_init_sigmas)):
-        _positive(name, value)
-    _positive("gamma", gamma, allow_zero=True)
-    for name, value, low in (("num_chains", num_chains, 1), ("num_draws", num_draws, 1), ("num_burnin", num_burnin, 0),
-                             ("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1)):
-        if value is not None and value < low:
-            raise ValueError(f"{name} must be >= {low}, got {name}={value}")
-    if generator is None:
-        generator = torch.Generator().manual_seed(0)
-    gens = [generator] * num_chains if isinstance(generator, torch.Generator) else list(generator)
-    if len(gens) != num_chains:
-        raise ValueError(f"got {len(gens)} generators for num_chains={num_chains}; pass one generator or one per chain")
+    _check_settings(locals())
+    gens = _generators(generator, num_chains)
     nbeta = default_nbeta(n) if nbeta is None else float(nbeta)
-
-    w_star = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-    if not w_star:
+    if not any(v.requires_grad for v in model.parameters()):
         raise ValueError("model has no parameters with requires_grad=True to sample")
-    fixed = {k: v.detach().clone() for k, v in model.named_parameters() if not v.requires_grad}
+    names = select_params(model, params)
+    all_params = dict(model.named_parameters())
+    w_star = {k: all_params[k].detach().clone() for k in names}
+    fixed = {k: v.detach().clone() for k, v in all_params.items() if k not in w_star}
     fixed.update({k: v.detach().clone() for k, v in model.named_buffers()})
     d = sum(v.numel() for v in w_star.values())
     max_llc = float(d) if max_llc is None else max_llc
@@ -235,104 +245,66 @@ def estimate_llc(
         state = {**fixed, **w_star}
         init_loss = _mean_loss(lambda *a, **kw: functional_call(model, state, a, kw), data, n, forward, loss_fn,
                                eval_batch_size)
+    setup = ChainSetup(model, w_star, fixed, data, n, forward, loss_fn, sampler, nbeta, float(epsilon),
+                       float(gamma), num_burnin, steps, batch_size, mala_every, precond_decay, precond_floor)
     if torch.isfinite(init_loss):
-        traces = torch.stack([
-            _chain(model, w_star, fixed, data, n, forward, loss_fn, nbeta, epsilon, gamma, steps, batch_size, g)
-            for g in gens
-        ])  # (chains, steps)
+        chains = [run_chain(setup, g) for g in gens]
     else:
-        traces = torch.full((num_chains, steps), float("nan"), dtype=torch.float64)
+        unrun = ChainResult(torch.full((steps,), math.nan, dtype=torch.float64), *[math.nan] * 4)
+        chains = [unrun] * num_chains
+    traces = torch.stack([c.trace for c in chains])  # (chains, steps)
+
+    def per_chain(field: str) -> torch.Tensor:
+        return torch.tensor([getattr(c, field) for c in chains], dtype=torch.float64)  # (chains,)
 
     kept = traces[:, num_burnin:]  # (chains, num_draws)
     chain_llcs = nbeta * (kept.mean(dim=1) - init_loss)  # (chains,)
-    blocks = min(10, num_draws)
-    block_means = kept[:, : num_draws // blocks * blocks].reshape(num_chains, blocks, -1).mean(dim=2)
-    stderr = block_means.std(dim=1) / math.sqrt(blocks) if blocks > 1 else torch.zeros(num_chains, dtype=torch.float64)
-    below_init = kept.mean(dim=1) - init_loss < -below_init_sigmas * stderr
+    below_init = kept.mean(dim=1) - init_loss < -below_init_sigmas * stderr(kept)
     finite = torch.isfinite(traces).all(dim=1)
     diverged = ~finite | (chain_llcs > max_llc)
-
     failed = not bool(finite.all())
-    if not torch.isfinite(init_loss):
-        reason = f"L(w*) is not finite ({init_loss.item()})"
-    elif failed:
-        bad = int((~finite).nonzero()[0])
-        step = int((~torch.isfinite(traces[bad])).nonzero()[0])
-        reason = f"chain {bad} produced a non-finite loss at step {step} (epsilon={epsilon} may be too large)"
-    else:
-        reason = ""
+    reason = _failure_reason(init_loss, traces, finite, epsilon) if failed or not torch.isfinite(init_loss) else ""
     nan = torch.tensor(float("nan"), dtype=torch.float64)
     mean = nan if failed else chain_llcs.mean()
     std = nan if failed or num_chains < 2 else chain_llcs.std()
-    return LLCEstimate(mean, std, chain_llcs, traces, init_loss, diverged, below_init & finite, failed, reason,
-                       nbeta, float(epsilon), float(gamma), num_burnin)
-
-
-@dataclass(frozen=True)
-class LLCCalibration:
-    """A sweep of :func:`estimate_llc` over step sizes and inverse temperatures (same random numbers per cell).
-
-    Fields:
-        epsilons: ``(E,)``; nbetas: ``(B,)`` float64.
-        mean, std: ``(E, B)`` float64 λ̂ and its spread across chains.
-        diverged, below_init: ``(E, B)`` float64 fraction of chains flagged.
-        failed: ``(E, B)`` bool.
-        llc_traces: ``(E, B, steps)`` float64 nβ·(L_B(w) − L(w*)) averaged over chains.
-        num_burnin: steps discarded before the kept draws.
-    """
-
-    epsilons: torch.Tensor
-    nbetas: torch.Tensor
-    mean: torch.Tensor
-    std: torch.Tensor
-    diverged: torch.Tensor
-    below_init: torch.Tensor
-    failed: torch.Tensor
-    llc_traces: torch.Tensor
-    num_burnin: int
-
-
-def calibrate(
-    model: nn.Module,
-    data: Batch,
-    epsilons: Sequence[float],
-    nbetas: Sequence[float],
-    *,
-    generator: torch.Generator | None = None,
-    **kwargs,
-) -> LLCCalibration:
-    """Run :func:`estimate_llc` for every (ε, nβ) pair, each from the same generator state.
-
-    A good setting is the largest ε whose chains flatten after burn-in, with no divergence or
-    below-init flags, and whose λ̂ agrees with that of smaller ε. ``kwargs`` go to :func:`estimate_llc`.
-
-    Raises:
-        ValueError: if ``epsilons`` or ``nbetas`` is empty, or as :func:`estimate_llc`.
-    """
-    if len(epsilons) == 0 or len(nbetas) == 0:
-        raise ValueError(
-            f"need at least one epsilon and one nbeta, got epsilons={list(epsilons)}, nbetas={list(nbetas)}"
-        )
-    generator = torch.Generator().manual_seed(0) if generator is None else generator
-    start = generator.get_state()
-    cells = []
-    for epsilon in epsilons:
-        for nbeta in nbetas:
-            gen = torch.Generator(generator.device).set_state(start)
-            cells.append(estimate_llc(model, data, epsilon=epsilon, nbeta=nbeta, generator=gen, **kwargs))
-    shape = (len(epsilons), len(nbetas))
-
-    def grid(values) -> torch.Tensor:
-        return torch.stack(values).reshape(*shape, *values[0].shape)
-
-    return LLCCalibration(
-        epsilons=torch.tensor(list(epsilons), dtype=torch.float64),
-        nbetas=torch.tensor(list(nbetas), dtype=torch.float64),
-        mean=grid([c.mean for c in cells]),
-        std=grid([c.std for c in cells]),
-        diverged=grid([c.diverged.double().mean() for c in cells]),
-        below_init=grid([c.below_init.double().mean() for c in cells]),
-        failed=grid([torch.tensor(c.failed) for c in cells]),
-        llc_traces=grid([c.nbeta * (c.loss_traces - c.init_loss).mean(dim=0) for c in cells]),
-        num_burnin=cells[0].num_burnin,
+    return LLCEstimate(
+        mean, std, chain_llcs, traces, init_loss, diverged, below_init & finite, per_chain("acceptance"),
+        per_chain("grad_norm"), per_chain("loc_norm"), per_chain("noise_norm"),
+        torch.where(finite, trend(kept), torch.full_like(chain_llcs, float("nan"))), failed, reason, nbeta,
+        float(epsilon), float(gamma), num_burnin, sampler, tuple(names), d,
     )
+
+
+def _check_settings(args: dict) -> None:
+    for name in ("epsilon", "nbeta", "below_init_sigmas", "precond_floor"):
+        _positive(name, args[name])
+    _positive("gamma", args["gamma"], allow_zero=True)
+    for name, low in (("num_chains", 1), ("num_draws", 1), ("num_burnin", 0), ("batch_size", 1),
+                      ("eval_batch_size", 1), ("mala_every", 0)):
+        value = args[name]
+        if value is not None and value < low:
+            raise ValueError(f"{name} must be >= {low}, got {name}={value}")
+    if args["sampler"] not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {args['sampler']!r}")
+    if args["sampler"] == "rmsprop_sgld" and args["num_burnin"] < 1:
+        raise ValueError("sampler='rmsprop_sgld' adapts its preconditioner during burn-in: needs num_burnin >= 1, "
+                         f"got num_burnin={args['num_burnin']}")
+    if not 0.0 <= args["precond_decay"] < 1.0:
+        raise ValueError(f"precond_decay must be in [0, 1), got precond_decay={args['precond_decay']}")
+
+
+def _generators(generator, num_chains: int) -> list[torch.Generator]:
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    gens = [generator] * num_chains if isinstance(generator, torch.Generator) else list(generator)
+    if len(gens) != num_chains:
+        raise ValueError(f"got {len(gens)} generators for num_chains={num_chains}; pass one generator or one per chain")
+    return gens
+
+
+def _failure_reason(init_loss, traces, finite, epsilon) -> str:
+    if not torch.isfinite(init_loss):
+        return f"L(w*) is not finite ({init_loss.item()})"
+    bad = int((~finite).nonzero()[0])
+    step = int((~torch.isfinite(traces[bad])).nonzero()[0])
+    return f"chain {bad} produced a non-finite loss at step {step} (epsilon={epsilon} may be too large)"
