@@ -60,7 +60,7 @@ def _relative_errors(ref, other, floor: float) -> tuple[float, float]:
 
 def _recomputed_examples(model, inputs, dtype) -> int:
     """Examples whose Jacobians ``edge_point="reconstruction"`` recomputes, with the default ``reuse_rtol``."""
-    import lib_lightning.core.lib as lib
+    import lib_lightning.core.lib.build as lib
 
     calls = [0]
     original = lib.integrated_jacobian
@@ -85,7 +85,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from lib_lightning.core.lib import build_graphs
-    from lib_lightning.core.summary import SummaryOptions, summarise
+    from lib_lightning.core.metrics.summary import SummaryOptions, summarise
 
     model, inputs, data = _model_and_inputs(args.ckpt, args.size)
     out = {"held_out_accuracy": _accuracy(model, data), "size": len(inputs)}

@@ -21,16 +21,16 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks._tensorboard import log_lib_figures, tensorboards, write_overview
-from lib_lightning.core import batch as nested
-from lib_lightning.core.capture import NodeLayer, capture, default_forward, resolve_modules
-from lib_lightning.core.coactivation import relu_coactivation
-from lib_lightning.core.files import atomic_write_text
-from lib_lightning.core.integration import integration_rule
-from lib_lightning.core.graph import save_graphs
+from lib_lightning.core.lib import batch as nested
+from lib_lightning.core.lib.capture import NodeLayer, capture, default_forward, resolve_modules
+from lib_lightning.core.metrics.coactivation import relu_coactivation
+from lib_lightning.core.lib.files import atomic_write_text
+from lib_lightning.core.lib.integration import integration_rule
+from lib_lightning.core.lib.graph import save_graphs
 from lib_lightning.core.lib import KINDS, build_graphs
-from lib_lightning.core.memory import MEMORY_BUDGET
-from lib_lightning.core.modes import analysis_mode
-from lib_lightning.core.summary import Snapshot, SummaryOptions, short_names, summarise
+from lib_lightning.core.lib.memory import MEMORY_BUDGET
+from lib_lightning.core.lib.modes import analysis_mode
+from lib_lightning.core.metrics.summary import Snapshot, SummaryOptions, short_names, summarise
 from lib_lightning.runtime import (
     default_batch_inputs,
     import_callable,
@@ -269,7 +269,7 @@ class LIBAnalysis(Callback):
         A datamodule with ``analysis_inputs(split, size, seed)`` provides it; otherwise the first ``size``
         examples of the split's dataloader are taken, and kept in the checkpoint so that a resumed run
         analyses the same examples. Model inputs may be a tensor or a nesting of tuples, lists, dicts
-        and mappings (see :mod:`lib_lightning.core.batch`), batch first.
+        and mappings (see :mod:`lib_lightning.core.lib.batch`), batch first.
         """
         if self._inputs is not None:
             return self._inputs

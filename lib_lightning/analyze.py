@@ -3,7 +3,7 @@
 Loads the model (a Lightning checkpoint, or a plain state dict with ``--config``), builds the LIB and PCA
 graphs with the LIB callback's settings, and writes to ``--out``:
 
-- ``graphs.pt``: every basis and edge matrix (:func:`lib_lightning.core.graph.save_graphs`);
+- ``graphs.pt``: every basis and edge matrix (:func:`lib_lightning.core.lib.graph.save_graphs`);
 - ``metrics.json``: the callback's metrics, node- and edge-ablation results, edges required per section,
   and (modular addition) key frequencies, community purity and progress measures;
 - ``spectra.png``, ``graph.png`` (Fourier labels on the nodes for modular addition), ``node_ablation.png``,
@@ -30,12 +30,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lib_lightning.core import batch as nested
-from lib_lightning.core.ablation import node_ablation, smallest_passing
-from lib_lightning.core.capture import NodeLayer, capture
-from lib_lightning.core.edge_ablation import edge_ablation
-from lib_lightning.core.files import atomic_write
-from lib_lightning.core.fourier import (
+from lib_lightning.core.lib import batch as nested
+from lib_lightning.core.interpret.ablation import node_ablation, smallest_passing
+from lib_lightning.core.lib.capture import NodeLayer, capture
+from lib_lightning.core.interpret.edge_ablation import edge_ablation
+from lib_lightning.core.lib.files import atomic_write
+from lib_lightning.tasks.modadd.fourier import (
     community_frequencies,
     embedding_frequency_power,
     fourier_labels,
@@ -43,12 +43,12 @@ from lib_lightning.core.fourier import (
     key_frequencies,
     logit_frequency_power,
 )
-from lib_lightning.core.graph import save_graphs
+from lib_lightning.core.lib.graph import save_graphs
 from lib_lightning.core.lib import build_graphs
-from lib_lightning.core.modes import analysis_mode
-from lib_lightning.core.modularity import find_communities, interaction_graph
-from lib_lightning.core.progress import progress_measures
-from lib_lightning.core.summary import short_names, spectrum, summarise
+from lib_lightning.core.lib.modes import analysis_mode
+from lib_lightning.core.metrics.modularity import find_communities, interaction_graph
+from lib_lightning.tasks.modadd.progress import progress_measures
+from lib_lightning.core.metrics.summary import short_names, spectrum, summarise
 from lib_lightning.loading import (
     PROJECT_PACKAGES,
     Trust,

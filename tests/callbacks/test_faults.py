@@ -13,7 +13,7 @@ import callbacks.ablation as ablation_module
 import callbacks.lib_analysis as lib_module
 from callbacks.ablation import Ablation
 from callbacks.lib_analysis import LIBAnalysis
-from lib_lightning.core.files import atomic_write
+from lib_lightning.core.lib.files import atomic_write
 from lib_lightning.data.modadd import ModularAdditionDataModule
 from lib_lightning.tasks.classifier import ModularAddition
 from tests.callbacks.foreign import ForeignData, ForeignModule

@@ -8,8 +8,8 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from callbacks.progress_measures import ProgressMeasures
-from lib_lightning.core.fourier import embedding_frequency_power, key_frequencies
-from lib_lightning.core.progress import progress_measures
+from lib_lightning.tasks.modadd.fourier import embedding_frequency_power, key_frequencies
+from lib_lightning.tasks.modadd.progress import progress_measures
 from lib_lightning.data.modadd import ModularAdditionDataModule, modular_addition_pairs
 from lib_lightning.tasks.classifier import ModularAddition
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from lib_lightning.core.capture import CutError, NodeLayer, check_cut
-from lib_lightning.core.integration import integration_rule
+from lib_lightning.core.lib.capture import CutError, NodeLayer, check_cut
+from lib_lightning.core.lib.integration import integration_rule
 from lib_lightning.core.lib import build_graphs
 from tests.core.models import MLP, Residual, TinyTransformer, mlp_inputs
 

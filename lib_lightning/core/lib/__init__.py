@@ -1,0 +1,14 @@
+"""The LIB engine: from a model and its module names to bases and interaction graphs (spec §2–§4).
+
+Node layers and their capture (``nodes``, ``capture``, ``batch``, ``modes``), the section checks and the
+memory guard (``checks``, ``memory``), the statistics and bases (``stats``, ``basis``), the integrated
+Jacobians and their rules (``jacobian``, ``integration``), the build in named passes (``build``,
+``passes``) and the graphs with their files (``graph``, ``files``).
+
+May import: torch and ``lib_lightning.core.validation`` only; never metrics, interpret, tasks or
+Lightning.
+"""
+
+from lib_lightning.core.lib.build import KINDS, build_graphs, default_reuse_rtol
+
+__all__ = ["KINDS", "build_graphs", "default_reuse_rtol"]
