@@ -2,8 +2,9 @@
 
 Node layers and their capture (``nodes``, ``capture``, ``batch``, ``modes``), the section checks and the
 memory guard (``checks``, ``memory``), the statistics and bases (``stats``, ``basis``), the integrated
-Jacobians and their rules (``jacobian``, ``integration``), the build in named passes (``build``,
-``passes``) and the graphs with their files (``graph``, ``files``).
+Jacobians and their rules (``jacobian``, ``integration``), the build in named passes (``build``: the
+statistics pass in ``passes``, then per section the Jacobian pass and the edges pass in ``section``,
+with the Jacobian ``cache`` between them) and the graphs with their files (``graph``, ``files``).
 
 May import: torch and ``lib_lightning.core.validation`` only; never metrics, interpret, tasks or
 Lightning.

@@ -1,6 +1,7 @@
 """Build LIB, PCA and neuron interaction graphs of any model from module names (spec §2–§4).
 
-Order of work: two forward passes over the data for the means, then the Gram matrices about them, of
+The build is a sequence of named passes: the statistics pass (``passes.py``), then per section, from
+the last backwards, its Jacobian pass and its edges pass (``section.py``). Order of work: two forward passes over the data for the means, then the Gram matrices about them, of
 every node layer (stats.py: no cancellation for large means); then, from
 the last section backwards, one pass per section for its integrated Jacobians. Their rows are taken in
 the next layer's basis when every requested kind shares it (LIB alone, or the final layer), so there is
@@ -19,29 +20,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from lib_lightning.core.lib.basis import LayerBasis, identity_basis, lib_basis, neuron_basis, pca_basis, whiten
-from lib_lightning.core.lib.capture import Forward, NodeLayer, capture, default_forward, select_examples
-from lib_lightning.core.lib.checks import Context, check_sections
+from lib_lightning.core.lib.basis import LayerBasis, lib_basis, whiten
+from lib_lightning.core.lib.cache import JacobianCache
+from lib_lightning.core.lib.capture import Forward, NodeLayer, default_forward
+from lib_lightning.core.lib.checks import Context
 from lib_lightning.core.lib.graph import InteractionGraph
 from lib_lightning.core.lib.integration import integration_rule
-from lib_lightning.core.lib.jacobian import (
-    batch_size,
-    chunks,
-    edges_update,
-    integrated_jacobian,
-    integrated_vjp,
-    m_prime_update,
-    project,
-)
-from lib_lightning.core.lib.memory import MEMORY_BUDGET, check_memory, estimate_memory
-from lib_lightning.core.lib.modes import analysis_mode, prepare_inputs
-from lib_lightning.core.lib.stats import ActivationStats, mean_update, shift_of, stats_update
+from lib_lightning.core.lib.memory import MEMORY_BUDGET
+from lib_lightning.core.lib.modes import analysis_mode
+from lib_lightning.core.lib.passes import initial_bases, statistics_pass
+from lib_lightning.core.lib.section import Section, edges_pass, jacobian_pass
 
 __all__ = ["build_graphs", "KINDS", "default_reuse_rtol"]
 
 KINDS = ("lib", "pca", "neuron")
 EDGE_POINTS = ("activation", "reconstruction")
-CHECK_EXAMPLES = 16  # examples of the first batch on which the order and cut checks run
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 Progress = Callable[[str, int, int], None]
 
@@ -69,24 +62,6 @@ def default_reuse_rtol(dtype: torch.dtype) -> float:
     (~ d ε for d of a few hundred). A fixed 1e-10 is below float32's ε: every chunk was recomputed.
     """
     return max(1e-10, 1e3 * torch.finfo(dtype).eps)
-
-
-def _mean_sums(
-    model: nn.Module, node_layers: list[NodeLayer], batches: Iterable[Any], dtype: torch.dtype | None, forward: Forward
-) -> list[torch.Tensor]:
-    """Per node layer, the partial (Σ f, N P) of this process's batches: the shift of the statistics."""
-    sums: list[torch.Tensor] | None = None
-    for b, inputs in enumerate(batches):
-        with torch.no_grad():
-            acts = capture(model, node_layers, prepare_inputs(inputs, dtype), forward)
-        for layer, a in zip(node_layers, acts):
-            if not torch.isfinite(a).all():
-                raise ValueError(f"activations of node layer {layer.name!r} contain NaN or Inf (batch {b})")
-        parts = [mean_update(a) for a in acts]
-        sums = parts if sums is None else [s + p for s, p in zip(sums, parts)]
-    if sums is None:
-        raise ValueError("the analysis dataset is empty: no batch was given")
-    return sums
 
 
 def build_graphs(
@@ -183,174 +158,45 @@ def build_graphs(
         reuse_rtol = default_reuse_rtol(dtype or own)
     reduce = reduce or (lambda t: t)
     report = progress or (lambda phase, done, total: None)
-    n_batches = len(batches) if hasattr(batches, "__len__") else 0
     names = [layer.name for layer in node_layers]
     with torch.inference_mode(False), analysis_mode(model, dtype):
-        # Two passes: the means, then the Gram matrices as sums about them (no cancellation, stats.py).
-        shifts = [shift_of(reduce(part)) for part in _mean_sums(model, node_layers, batches, dtype, forward)]
-        stats: list[ActivationStats | None] = [None] * len(node_layers)
-        n_examples, positions = 0, []
-        for b, inputs in enumerate(batches):
-            inputs = prepare_inputs(inputs, dtype)
-            if b == 0 and check_cuts:  # on a few examples: the checks compare single examples
-                few = select_examples(inputs, slice(0, CHECK_EXAMPLES))
-                check_sections(model, node_layers, few, forward, context_inputs)
-            with torch.no_grad():
-                acts = capture(model, node_layers, inputs, forward)
-            if b == 0 and memory_budget_bytes is not None:
-                estimate = estimate_memory(
-                    names, [tuple(a.shape) for a in acts], chunk_size=chunk_size, itemsize=acts[0].element_size(),
-                    cache_bytes=cache_bytes, n_examples=acts[0].shape[0] * n_batches or None,
-                    position_sources=position_sources, lib="lib" in kinds,
-                )  # fmt: skip
-                check_memory(estimate, memory_budget_bytes)
-            for i, a in enumerate(acts):
-                part = stats_update(a, shifts[i])
-                stats[i] = part if stats[i] is None else stats[i] + part
-            n_examples += acts[0].shape[0]
-            positions = [a.shape[1] for a in acts]
-            report("statistics", b + 1, n_batches)
-        stats = [s.reduce(reduce) for s in stats]
-        n_examples = int(reduce(torch.tensor(float(n_examples), dtype=torch.float64, device=stats[0].count.device)).item())
-
+        sizes = dict(chunk_size=chunk_size, cache_bytes=cache_bytes, position_sources=position_sources, lib="lib" in kinds)
+        measured = statistics_pass(
+            model, node_layers, batches, dtype=dtype, forward=forward, reduce=reduce, report=report,
+            check_cuts=check_cuts, context_inputs=context_inputs, memory_budget_bytes=memory_budget_bytes,
+            memory_sizes=sizes,
+        )  # fmt: skip
+        stats = measured.stats
         whitenings = [whiten(s, center, abs_threshold, rel_threshold, name) for s, name in zip(stats, names)]
-        last = len(node_layers) - 1
-        final = (
-            pca_basis(names[last], whitenings[last])
-            if rotate_final
-            else identity_basis(names[last], stats[last], whitenings[last].all_eigenvalues)
-        )
-        bases: dict[str, list[LayerBasis | None]] = {}
-        for kind in kinds:
-            bases[kind] = [None] * len(node_layers)
-            bases[kind][last] = final if kind != "neuron" else identity_basis(names[last], stats[last], whitenings[last].all_eigenvalues)
-            for i in range(last):
-                if kind == "pca":
-                    bases[kind][i] = pca_basis(names[i], whitenings[i])
-                elif kind == "neuron":
-                    bases[kind][i] = neuron_basis(names[i], stats[i])
-        edges: dict[str, list[torch.Tensor | None]] = {kind: [None] * last for kind in kinds}
-
-        for sec in reversed(range(last)):
-            layer_in, layer_out = node_layers[sec], node_layers[sec + 1]
-            phase = f"jacobians {names[sec]} -> {names[sec + 1]}"
-            outs = {kind: bases[kind][sec + 1] for kind in kinds}
-            first = outs[kinds[0]]
-            # One output basis for every kind (LIB alone, or the shared final layer): the VJPs run in its
-            # features directly. Otherwise in neurons, projected onto each kind's basis.
-            shared = first if all(torch.equal(o.basis, first.basis) for o in outs.values()) else None
-
-            def signs(inputs: Any, c: int) -> torch.Tensor | None:
-                """Rademacher signs ``(batch, R, pos_out)`` of chunk c, the same whenever it is recomputed."""
-                if position_sources is None:
-                    return None
-                gen = torch.Generator().manual_seed(hash((seed, sec, c)) & (2**62 - 1))
-                shape = (batch_size(inputs), position_sources, positions[sec + 1])
-                return torch.randint(0, 2, shape, generator=gen, dtype=torch.float64) * 2 - 1
-
-            def jacobian(
-                inputs: Any,
-                c: int,
-                out_basis: LayerBasis | None,
-                at: LayerBasis | None = None,
-                only: torch.Tensor | None = None,
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-                """J̄ of chunk c (of its examples ``only``), at the activation or at its reconstruction in ``at``."""
-                point = None if at is None else (lambda a: at.reconstruct(at.transform(a)).to(a.dtype))
-                phi = signs(inputs, c)
-                if only is not None:
-                    inputs, phi = select_examples(inputs, only), None if phi is None else phi[only]
-                try:
-                    return integrated_jacobian(
-                        model, layer_in, layer_out, prepare_inputs(inputs, dtype), int_rule, forward, point, out_basis, phi
-                    )
-                except ValueError as err:
-                    raise ValueError(f"{err} (chunk {c} of {chunk_size} examples)") from err
-
-            def reusable(basis: LayerBasis, acts: torch.Tensor) -> bool:
-                """Whether the Jacobian at the activation serves as the one at the chosen edge point."""
-                if edge_point == "activation":
-                    return True
-                rec = basis.reconstruct(basis.transform(acts))
-                return bool((rec - acts).abs().max() <= reuse_rtol * acts.abs().max())
-
-            def at_reconstruction(inputs: Any, c: int, acts: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                """LIB edges' point f C C⁺ and ĝ there, from ĝ cached at f.
-
-                An example keeps its cached rows when the integrated VJPs in two random directions agree
-                at both points to ``reuse_rtol`` (a section that is affine, or ReLU-piecewise affine
-                with the same pattern, gives identical VJPs); the other examples are recomputed.
-                """
-                basis, inputs = bases["lib"][sec], prepare_inputs(inputs, dtype)
-                rec = lambda a: basis.reconstruct(basis.transform(a)).to(a.dtype)  # noqa: E731
-                gen = torch.Generator().manual_seed(c)
-                w = torch.randn((2, positions[sec + 1], outs["lib"].d), generator=gen, dtype=torch.float64)
-                try:
-                    here = integrated_vjp(model, layer_in, layer_out, inputs, int_rule, forward, w).flatten(1)
-                    there = integrated_vjp(model, layer_in, layer_out, inputs, int_rule, forward, w, rec).flatten(1)
-                except ValueError as err:
-                    raise ValueError(f"{err} (chunk {c} of {chunk_size} examples)") from err
-                same = (there - here).abs().amax(1) <= reuse_rtol * here.abs().amax(1)
-                if not same.all():
-                    redo = (~same).nonzero().squeeze(1)
-                    g = g.clone()
-                    g[redo] = jacobian(inputs, c, outs["lib"], basis, only=redo)[1]
-                return rec(acts), g
-
-            m_sum, count, cached_bytes = None, 0.0, 0
-            cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-            sums: dict[str, torch.Tensor | None] = {kind: None for kind in kinds}
-            pending: dict[str, set[int]] = {kind: set() for kind in kinds}
-
-            def add(kind: str, acts: torch.Tensor, g: torch.Tensor) -> None:
-                part = edges_update(acts, g, bases[kind][sec])
-                sums[kind] = part if sums[kind] is None else sums[kind] + part
-
-            for c, inputs in enumerate(chunks(batches, chunk_size)):
-                acts, jac = jacobian(inputs, c, shared)
-                count += acts.shape[0] * acts.shape[1]
-                for kind in kinds:
-                    g = jac if shared is not None else project(jac, outs[kind])
-                    if kind == "lib":  # the edges wait for this section's basis, built from M′
-                        part = m_prime_update(g)
-                        m_sum = part if m_sum is None else m_sum + part
-                        pending["lib"].add(c)
-                        size = g.numel() * g.element_size() + acts.numel() * acts.element_size()
-                        if cached_bytes + size <= cache_bytes:
-                            cache[c] = (acts, g)
-                            cached_bytes += size
-                    elif reusable(bases[kind][sec], acts):
-                        add(kind, acts, g)
-                    else:
-                        pending[kind].add(c)
-                del acts, jac, g
-                report(phase, c + 1, 0)
-            count_t = reduce(torch.tensor(count, dtype=torch.float64, device=stats[0].count.device))  # on the model's device, for NCCL
+        bases = initial_bases(kinds, names, stats, whitenings, rotate_final)
+        edges: dict[str, list[torch.Tensor | None]] = {kind: [None] * (len(names) - 1) for kind in kinds}
+        device = stats[0].count.device  # the model's device, for NCCL
+        for sec in reversed(range(len(names) - 1)):
+            section = Section(
+                model, node_layers[sec], node_layers[sec + 1], sec, int_rule, forward, dtype, chunk_size,
+                measured.positions[sec + 1], position_sources, seed, edge_point, reuse_rtol,
+            )  # fmt: skip
+            in_bases = {kind: bases[kind][sec] for kind in kinds}
+            out_bases = {kind: bases[kind][sec + 1] for kind in kinds}
+            cache = JacobianCache(cache_bytes)
+            sums = jacobian_pass(section, batches, in_bases, out_bases, _shared_basis(out_bases), cache, report)
+            count = reduce(torch.tensor(sums.count, dtype=torch.float64, device=device))
             if "lib" in kinds:
-                m_prime = reduce(m_sum) / count_t
-                bases["lib"][sec] = lib_basis(
+                m_prime = reduce(sums.m_sum) / count
+                bases["lib"][sec] = in_bases["lib"] = lib_basis(
                     names[sec], whitenings[sec], m_prime, abs_threshold, rel_threshold, max_features=max_features
                 )
-            if any(pending.values()):
-                for c, inputs in enumerate(chunks(batches, chunk_size)):
-                    todo = [kind for kind in kinds if c in pending[kind]]
-                    if not todo:
-                        continue
-                    cached = cache.pop(c, None)
-                    if cached is not None:
-                        acts = cached[0]
-                    else:
-                        with torch.no_grad():
-                            (acts,) = capture(model, [layer_in], prepare_inputs(inputs, dtype), forward)
-                    for kind in todo:
-                        if cached is not None and kind == "lib":
-                            add(kind, *(cached if reusable(bases[kind][sec], acts) else at_reconstruction(inputs, c, *cached)))
-                        elif reusable(bases[kind][sec], acts):
-                            add(kind, *jacobian(inputs, c, outs[kind]))
-                        else:
-                            add(kind, *jacobian(inputs, c, outs[kind], bases[kind][sec]))
-                    del acts, cached
-                    report(f"edges {names[sec]} -> {names[sec + 1]}", c + 1, 0)
+            edge_sums = edges_pass(section, batches, in_bases, out_bases, cache, sums, report)
             for kind in kinds:
-                edges[kind][sec] = reduce(sums[kind]) / count_t
+                edges[kind][sec] = reduce(edge_sums[kind]) / count
+    n_examples = measured.n_examples
     return {kind: InteractionGraph(kind, tuple(bases[kind]), tuple(edges[kind]), n_examples) for kind in kinds}
+
+
+def _shared_basis(out_bases: dict[str, LayerBasis]) -> LayerBasis | None:
+    """The one output basis of every kind (LIB alone, or the shared final layer), else ``None``.
+
+    With one, the VJPs run in its features directly; otherwise in neurons, projected onto each kind's.
+    """
+    first = next(iter(out_bases.values()))
+    return first if all(torch.equal(o.basis, first.basis) for o in out_bases.values()) else None

@@ -20,7 +20,7 @@ from lib_lightning.core.lib.jacobian import (
 )
 from lib_lightning.core.lib.integration import integration_rule
 from lib_lightning.core.lib.graph import load_graphs, save_graphs
-from lib_lightning.core.lib import build_graphs
+from lib_lightning.core.lib import build_graphs, default_reuse_rtol
 from lib_lightning.core.lib.stats import augment
 from tests.core.models import MLP, TinyTransformer, mlp_inputs
 
@@ -421,7 +421,7 @@ def test_edges_at_reconstruction_match_jacrev_when_truncation_drops_variance():
 def test_reconstruction_edges_recompute_only_examples_whose_jacobian_changes(monkeypatch):
     """A cached chunk keeps ĝ for examples whose ReLU pattern is the same at f C C⁺ (and for every example
     of the affine last section); only the others are recomputed, and the edges still match jacrev there."""
-    import lib_lightning.core.lib.build as lib_module
+    import lib_lightning.core.lib.section as lib_module
 
     model, x = MLP(seed=8), mlp_inputs()
     calls, real = [], lib_module.integrated_jacobian
@@ -534,7 +534,7 @@ def test_float32_reconstruction_edges_reuse_jacobians_when_only_rounding_is_drop
     """reuse_rtol scales with the dtype (issue 11, item 5): in float32 the null direction of rank-3
     inputs holds only rounding, so f C C⁺ differs from f by ~1e-8 relative, not a different point; with
     a fixed 1e-10 the tanh section's VJPs there (different by float32 rounding) forced recomputation."""
-    import lib_lightning.core.lib.build as lib_module
+    import lib_lightning.core.lib.section as lib_module
 
     model, x = MLP(seed=8, act=nn.Tanh), mlp_inputs()
     x[:, 3] = x[:, 0] - 0.5 * x[:, 1]  # (300, 4) of rank 3
@@ -552,8 +552,8 @@ def test_float32_reconstruction_edges_reuse_jacobians_when_only_rounding_is_drop
     ref = build_graphs(model, LAYERS, [x], **kwargs)["lib"]
     for a, b in zip(ref.edges, lib.edges):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5 * float(a.max()))
-    assert lib_module.default_reuse_rtol(torch.float64) == 1e-10
-    assert lib_module.default_reuse_rtol(torch.float32) == pytest.approx(1.19e-4, rel=1e-2)
+    assert default_reuse_rtol(torch.float64) == 1e-10
+    assert default_reuse_rtol(torch.float32) == pytest.approx(1.19e-4, rel=1e-2)
 
 
 def test_a_layer_that_keeps_no_feature_gives_empty_edges_not_an_error():
