@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lib_lightning.core.validation import check_thresholds
 from lib_lightning.core.lib.stats import ActivationStats, augment, centring_matrices
 
 __all__ = [
@@ -101,17 +102,6 @@ class Whitening:
         return self.eigenvalues.sqrt()[:, None] * (self.u.T @ self.y_inv)
 
 
-def _check_thresholds(abs_threshold: float, rel_threshold: float) -> None:
-    """The one check of truncation and counting thresholds (bases and degeneracy counts alike).
-
-    rel_threshold = 1 would keep (or count) nothing but the constant, so it is excluded.
-    """
-    if not abs_threshold >= 0:
-        raise ValueError(f"abs_threshold must be >= 0, got {abs_threshold}")
-    if not 0 <= rel_threshold < 1:
-        raise ValueError(f"rel_threshold must be in [0, 1), got {rel_threshold}")
-
-
 def _keep(values: torch.Tensor, abs_threshold: float, rel_threshold: float) -> torch.Tensor:
     """Mask of values above both the absolute and the relative (× max) threshold."""
     if values.numel() == 0:
@@ -161,7 +151,7 @@ def whiten(
     largest non-constant eigenvalue. ``name`` (the node layer) labels the warning on eigenvalues negative
     beyond rounding.
     """
-    _check_thresholds(abs_threshold, rel_threshold)
+    check_thresholds(abs_threshold, rel_threshold)
     gram = stats.gram(center)
     d = stats.d
     if center:
@@ -208,7 +198,7 @@ def lib_basis(
     Raises:
         ValueError: if ``max_features`` exceeds the number of directions kept by the thresholds.
     """
-    _check_thresholds(abs_threshold, rel_threshold)
+    check_thresholds(abs_threshold, rel_threshold)
     n_m = (1 if w.has_constant else 0) if n_masked is None else n_masked
     r_pinv = w.r_pinv
     m = r_pinv @ m_prime.to(torch.float64) @ r_pinv.T  # (k1, k1)

@@ -30,6 +30,7 @@ from lib_lightning.core.lib.memory import MEMORY_BUDGET
 from lib_lightning.core.lib.modes import analysis_mode
 from lib_lightning.core.lib.passes import initial_bases, statistics_pass
 from lib_lightning.core.lib.section import Section, edges_pass, jacobian_pass
+from lib_lightning.core.validation import check_at_least, check_choice, check_choices
 
 __all__ = ["build_graphs", "KINDS", "default_reuse_rtol"]
 
@@ -39,16 +40,12 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 Progress = Callable[[str, int, int], None]
 
 
-def _validate(kinds, chunk_size, cache_bytes, edge_point, batches) -> list[Any]:
-    if edge_point not in EDGE_POINTS:
-        raise ValueError(f"unknown edge_point {edge_point!r}; valid choices: {EDGE_POINTS}")
-    bad = [k for k in kinds if k not in KINDS]
-    if bad or not kinds:
-        raise ValueError(f"unknown basis kind(s) {bad or kinds}; valid choices: {KINDS}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if cache_bytes < 0:
-        raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
+def _validate(kinds, chunk_size, cache_bytes, edge_point, position_sources, batches) -> list[Any]:
+    check_choice("edge_point", edge_point, EDGE_POINTS)
+    check_choices("basis kind(s)", kinds, KINDS)
+    check_at_least("chunk_size", chunk_size, 1)
+    check_at_least("cache_bytes", cache_bytes, 0)
+    check_at_least("position_sources", position_sources, 1, optional=True)
     if iter(batches) is batches:
         raise TypeError("batches must be re-iterable (a list or a DataLoader), not a one-shot iterator")
     return batches
@@ -149,9 +146,7 @@ def build_graphs(
     node_layers = [NodeLayer.parse(layer) for layer in layers]
     if len(node_layers) < 2:
         raise ValueError(f"need at least 2 node layers, got {len(node_layers)}")
-    batches = _validate(kinds, chunk_size, cache_bytes, edge_point, batches)
-    if position_sources is not None and position_sources < 1:
-        raise ValueError(f"position_sources must be None or >= 1, got {position_sources}")
+    batches = _validate(kinds, chunk_size, cache_bytes, edge_point, position_sources, batches)
     int_rule = integration_rule(rule, n_intervals)
     if reuse_rtol is None:
         own = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float64)

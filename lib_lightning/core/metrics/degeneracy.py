@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from lib_lightning.core.lib.basis import _check_thresholds
-from lib_lightning.core.metrics.sparsity import _check_weights, n_to_hold
+from lib_lightning.core.metrics.sparsity import n_to_hold
+from lib_lightning.core.validation import check_thresholds, check_weights
 
 __all__ = ["GradientDegeneracy", "SpectrumStats", "gradient_degeneracy", "gram_rank_deficit", "spectrum_stats"]
 
@@ -68,8 +68,8 @@ def spectrum_stats(
         ValueError: for a non-1-D spectrum, negative or non-finite entries (named with their indices),
             or thresholds out of range.
     """
-    _check_thresholds(abs_threshold, rel_threshold)
-    lam = _check_weights(eigenvalues, "eigenvalues", ndim=1, hint=_ABS_HINT)  # (dim,)
+    check_thresholds(abs_threshold, rel_threshold)
+    lam = check_weights(eigenvalues, "eigenvalues", ndim=1, hint=_ABS_HINT)  # (dim,)
     dim = lam.numel()
     total = lam.sum()
     if dim == 0 or total == 0:
@@ -98,8 +98,8 @@ def gram_rank_deficit(gram_eigenvalues: torch.Tensor, threshold: float = 1e-10) 
     Raises:
         ValueError: for a non-1-D input, negative or non-finite entries, or a negative threshold.
     """
-    _check_thresholds(threshold, 0.0)
-    lam = _check_weights(gram_eigenvalues, "gram_eigenvalues", ndim=1, hint=_ABS_HINT)
+    check_thresholds(threshold, 0.0)
+    lam = check_weights(gram_eigenvalues, "gram_eigenvalues", ndim=1, hint=_ABS_HINT)
     return lam.numel() - int((lam > threshold).sum())
 
 

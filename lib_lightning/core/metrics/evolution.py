@@ -6,7 +6,7 @@ from typing import Hashable, Mapping
 
 import torch
 
-from lib_lightning.core.metrics.sparsity import _check_weights
+from lib_lightning.core.validation import check_weights
 
 __all__ = [
     "adjusted_rand_index",
@@ -84,8 +84,8 @@ def spectrum_distance(prev: torch.Tensor, new: torch.Tensor) -> float:
     Raises:
         ValueError: for non-1-D inputs or negative or non-finite entries.
     """
-    p = torch.sort(_check_weights(prev, "prev", ndim=1), descending=True).values
-    q = torch.sort(_check_weights(new, "new", ndim=1), descending=True).values
+    p = torch.sort(check_weights(prev, "prev", ndim=1), descending=True).values
+    q = torch.sort(check_weights(new, "new", ndim=1), descending=True).values
     p_total, q_total = p.sum(), q.sum()
     if p_total == 0 or q_total == 0:
         return 0.0 if p_total == q_total else 1.0

@@ -13,7 +13,8 @@ from typing import Hashable, Sequence
 import networkx as nx
 import torch
 
-from lib_lightning.core.metrics.sparsity import _check_fraction, _check_weights, n_to_hold
+from lib_lightning.core.metrics.sparsity import n_to_hold
+from lib_lightning.core.validation import check_fraction, check_weights
 
 __all__ = ["Communities", "METHODS", "WEIGHTINGS", "find_communities", "interaction_graph", "log_cutoff"]
 
@@ -34,7 +35,7 @@ def log_cutoff(edges: torch.Tensor, fraction: float) -> float:
     Returns:
         ε, or 0.0 if the section has no weight.
     """
-    weights = _check_weights(edges.reshape(-1), "edges", ndim=1)
+    weights = check_weights(edges.reshape(-1), "edges", ndim=1)
     n = n_to_hold(weights, fraction)
     return float(torch.sort(weights, descending=True).values[n - 1]) if n else 0.0
 
@@ -86,7 +87,7 @@ def interaction_graph(
     if len(set(layer_names)) != len(layer_names):
         raise ValueError(f"layer_names must be distinct, got {layer_names}")
     if weighting == "log" and cutoffs is None:
-        _check_fraction(log_cutoff_fraction)
+        check_fraction(log_cutoff_fraction)
     if cutoffs is not None:
         cutoffs = [float(c) for c in cutoffs]
         if len(cutoffs) != len(edges) or not all(c > 0 for c in cutoffs):
@@ -134,7 +135,7 @@ def _first_features(exclude_constant: bool | Sequence[bool], layer_names: list[s
 def _layer_sizes(edges: list[torch.Tensor], layer_names: list[str]) -> list[int]:
     """Feature counts per node layer, checking that consecutive edge matrices agree."""
     for index, section in enumerate(edges):
-        _check_weights(section, f"edges[{index}] ({layer_names[index]} -> {layer_names[index + 1]})", ndim=2)
+        check_weights(section, f"edges[{index}] ({layer_names[index]} -> {layer_names[index + 1]})", ndim=2)
     sizes = [edges[0].shape[1], *(section.shape[0] for section in edges)] if edges else []
     for index in range(1, len(edges)):
         if edges[index].shape[1] != edges[index - 1].shape[0]:

@@ -12,6 +12,8 @@ from typing import Sequence
 
 import torch
 
+from lib_lightning.core.validation import check_fraction, check_weights
+
 __all__ = ["EdgeSparsity", "edge_sparsity", "fraction_key", "n_to_hold"]
 
 # Slack on "the cumulative sum reaches fraction × total": cumulative sums carry round-off, and an exact
@@ -35,8 +37,8 @@ def n_to_hold(values: torch.Tensor, fraction: float) -> int:
         ValueError: if ``values`` is not 1-D, has negative or non-finite entries, or ``fraction`` is
             outside (0, 1].
     """
-    _check_fraction(fraction)
-    values = _check_weights(values, "values", ndim=1)
+    check_fraction(fraction)
+    values = check_weights(values, "values", ndim=1)
     if values.numel() == 0:
         return 0
     cumsum = torch.sort(values, descending=True).values.cumsum(0)  # (n,)
@@ -110,8 +112,8 @@ def edge_sparsity(
     """
     fractions = tuple(float(f) for f in fractions)
     for fraction in fractions:
-        _check_fraction(fraction)
-    edges = _check_weights(edges, "edges", ndim=2)
+        check_fraction(fraction)
+    edges = check_weights(edges, "edges", ndim=2)
     drop_out, drop_in = (exclude_constant, exclude_constant) if isinstance(exclude_constant, bool) else exclude_constant
     edges = edges[int(drop_out) :, int(drop_in) :]
     k_out, k_in = edges.shape
@@ -137,33 +139,3 @@ def _gini(weights: torch.Tensor) -> float:
     ascending = torch.sort(weights).values  # (n,)
     i = torch.arange(1, n + 1, dtype=weights.dtype)
     return float(((2 * i - n - 1) * ascending).sum() / (n * total))
-
-
-def _check_fraction(fraction: float) -> None:
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-
-
-def _check_weights(weights: torch.Tensor, name: str, ndim: int, hint: str = "") -> torch.Tensor:
-    """Validate non-negative finite weights of the given ndim; return them as float64."""
-    if not isinstance(weights, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(weights).__name__}")
-    if weights.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(weights.shape)}")
-    weights = weights.detach().to(torch.float64)
-    if not bool(torch.isfinite(weights).all()):
-        raise ValueError(f"{name} has non-finite entries at {_where(~torch.isfinite(weights))}")
-    negative = weights < 0
-    if bool(negative.any()):
-        raise ValueError(
-            f"{name} must be non-negative, got {int(negative.sum())} negative entries "
-            f"(min {float(weights.min()):.3g}) at {_where(negative)}{hint}"
-        )
-    return weights
-
-
-def _where(mask: torch.Tensor, limit: int = 5) -> str:
-    """The first few indices where ``mask`` holds, for error messages."""
-    idx = [tuple(i) if len(i) > 1 else i[0] for i in torch.nonzero(mask).tolist()[:limit]]
-    more = int(mask.sum()) - len(idx)
-    return f"{idx}" + (f" and {more} more" if more > 0 else "")
