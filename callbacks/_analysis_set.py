@@ -27,6 +27,27 @@ class AnalysisSet:
 
     _inputs: Any = None  # the analysis set, on CPU
     _drawn = False  # whether it was drawn from a dataloader (then it is kept in checkpoints)
+    _warned_state = False
+
+    def _set_state(self) -> dict[str, Any]:
+        """The set for the checkpoint when it was drawn from a dataloader (a shuffling loader does not
+        draw it again alike); a set that cannot be saved is warned about once and drawn again on resume."""
+        if not (self._drawn and self._inputs is not None):
+            return {}
+        try:
+            return {"inputs": nested.to_state(self._inputs)}
+        except NotImplementedError as err:
+            if not self._warned_state:
+                self._warned_state = True
+                rank_zero_warn(
+                    f"{type(self).__name__}: the analysis set is not saved in the checkpoint ({err}); "
+                    "a resumed run draws it again"
+                )
+            return {}
+
+    def _load_set_state(self, state: dict[str, Any]) -> None:
+        if state.get("inputs") is not None:
+            self._inputs, self._drawn = nested.from_state(state["inputs"]), True
 
     def analysis_inputs(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
         """The fixed analysis set (model inputs, on CPU), drawn once.

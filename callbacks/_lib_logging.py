@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 
 import lightning as L
@@ -21,7 +22,22 @@ from lib_lightning.core.lib.graph import save_graphs
 from lib_lightning.core.metrics.summary import short_names
 from lib_lightning.runtime import write_or_count
 
-__all__ = ["AnalysisLogging"]
+__all__ = ["AnalysisLogging", "PhaseTimes"]
+
+
+class PhaseTimes:
+    """A ``progress`` for :func:`~lib_lightning.core.lib.build_graphs`: seconds per phase, as the
+    scalars ``lib/time/<phase>_s`` (a phase is the first word: statistics, jacobians, edges)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        key = f"lib/time/{phase.split(' ')[0]}_s"
+        self.seconds[key] = self.seconds.get(key, 0.0) + now - self._last
+        self._last = now
 
 
 class AnalysisLogging:

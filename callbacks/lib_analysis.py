@@ -19,10 +19,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks._analysis_set import AnalysisSet
-from callbacks._lib_logging import AnalysisLogging
+from callbacks._lib_logging import AnalysisLogging, PhaseTimes
 from callbacks._tensorboard import write_overview
 from lib_lightning.core.lib import KINDS, build_graphs
-from lib_lightning.core.lib import batch as nested
 from lib_lightning.core.lib.capture import NodeLayer, default_forward, resolve_modules
 from lib_lightning.core.lib.integration import integration_rule
 from lib_lightning.core.lib.memory import MEMORY_BUDGET
@@ -172,7 +171,6 @@ class LIBAnalysis(AnalysisSet, AnalysisLogging, Callback):
         self._drawn = False  # whether it was drawn from a dataloader (then it is kept in checkpoints)
         self._warned_images = self._warned_state = False
 
-    # ----------------------------------------------------------------- identity, state, schedule
     @property
     def state_key(self) -> str:
         return self._generate_state_key(
@@ -188,15 +186,7 @@ class LIBAnalysis(AnalysisSet, AnalysisLogging, Callback):
             "save_errors": self.save_errors,
             "metric_errors": self.metric_errors,
         }
-        if self._drawn and self._inputs is not None:  # a set drawn from a shuffling loader is not reproducible
-            try:
-                state["inputs"] = nested.to_state(self._inputs)
-            except NotImplementedError as err:
-                if not self._warned_state:
-                    self._warned_state = True
-                    rank_zero_warn(
-                        f"LIBAnalysis: the analysis set is not saved in the checkpoint ({err}); a resumed run draws it again"
-                    )
+        state.update(self._set_state())
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -205,8 +195,7 @@ class LIBAnalysis(AnalysisSet, AnalysisLogging, Callback):
         self.snapshot = Snapshot.from_state(snapshot) if snapshot else None
         self.skipped = int(state_dict.get("skipped", 0))
         self.save_errors = int(state_dict.get("save_errors", 0))
-        if state_dict.get("inputs") is not None:
-            self._inputs, self._drawn = nested.from_state(state_dict["inputs"]), True
+        self._load_set_state(state_dict)
         self.metric_errors = int(state_dict.get("metric_errors", 0))
 
     @property
@@ -241,7 +230,6 @@ class LIBAnalysis(AnalysisSet, AnalysisLogging, Callback):
         if self.schedule == "every_n_epochs" and (trainer.current_epoch + 1) % self.every == 0:
             self._maybe_analyse(trainer, pl_module)
 
-    # ----------------------------------------------------------------- the analysis
     def _reduce(self, trainer: L.Trainer) -> Callable[[torch.Tensor], torch.Tensor] | None:
         if trainer.world_size == 1:
             return None
@@ -268,17 +256,9 @@ class LIBAnalysis(AnalysisSet, AnalysisLogging, Callback):
             rank_zero_warn(f"LIB analysis at step {step} skipped: NaN or Inf in the activations of {self._names}")
             self._log(trainer, {"lib/skipped": float(self.skipped)}, step)
             return
-        phases: dict[str, float] = {}
-        clock = [time.perf_counter()]
-
-        def progress(phase: str, done: int, total: int) -> None:
-            now = time.perf_counter()
-            key = f"lib/time/{phase.split(' ')[0]}_s"
-            phases[key] = phases.get(key, 0.0) + now - clock[0]
-            clock[0] = now
-
+        phases = PhaseTimes()
         graphs = build_graphs(
-            pl_module, self.layers, batches, forward=self.forward, reduce=reduce, progress=progress,
+            pl_module, self.layers, batches, forward=self.forward, reduce=reduce, progress=phases,
             **self.build_kwargs,
         )
         built = time.perf_counter()
@@ -290,7 +270,7 @@ class LIBAnalysis(AnalysisSet, AnalysisLogging, Callback):
         metrics["lib/skipped"] = float(self.skipped)
         metrics["lib/metric_errors"] = float(self.metric_errors)
         metrics["lib/time/build_s"] = built - start
-        metrics.update(phases)
+        metrics.update(phases.seconds)
         metrics["lib/time/summary_s"] = summarised - built
         self.snapshot = summary.snapshot
         self.history.append({"step": step, "metrics": metrics})
