@@ -9,6 +9,7 @@ memory stays at one chunk). The model must treat examples independently
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -53,7 +54,75 @@ def chunks(batches: Iterable[Any], chunk_size: int) -> Iterator[Any]:
         yield from split_batch(inputs, chunk_size)
 
 
-Cotangents = Callable[[torch.Tensor], tuple[int, Callable[[int], torch.Tensor]]]
+class _Rows:
+    """The cotangents of one VJP sweep over a section output ``(batch, pos_out, d_out)``: ``n_rows`` of
+    them, row r by :meth:`row` (``(pos_out, d_out)`` for every example alike, or ``(batch, pos_out,
+    d_out)``), laid out as ``layout`` (the shape the rows take in the result)."""
+
+    n_rows: int
+    layout: tuple[int, ...]
+
+    def row(self, r: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _FeatureRows(_Rows):
+    """One row per (output position t, output coordinate i): cotangent ``cot[:, i]`` at position t."""
+
+    def __init__(self, cot: torch.Tensor, out: torch.Tensor) -> None:
+        _, pos_out, d_out = out.shape
+        self.cot, self.k = cot, cot.shape[1]  # (d_out, k)
+        self.n_rows, self.layout = pos_out * self.k, (pos_out, self.k)
+        self.grad_out = torch.zeros(pos_out, d_out, dtype=out.dtype, device=out.device)
+
+    def row(self, r: int) -> torch.Tensor:
+        t, i = divmod(r, self.k)
+        self.grad_out.zero_()
+        self.grad_out[t] = self.cot[:, i]
+        return self.grad_out
+
+
+class _SourceRows(_Rows):
+    """One row per (stochastic source r, output coordinate i): Σ_t φ_{x,r,t} cot[:, i] / √R at every t."""
+
+    def __init__(self, cot: torch.Tensor, signs: torch.Tensor, out: torch.Tensor) -> None:
+        batch, pos_out, _ = out.shape
+        if signs.dim() != 3 or signs.shape[0] != batch or signs.shape[2] != pos_out:
+            raise ValueError(
+                f"signs of shape {tuple(signs.shape)} do not match (batch, n_sources, pos_out) = "
+                f"({batch}, n_sources, {pos_out})"
+            )
+        n_sources = signs.shape[1]
+        self.phi = signs.to(device=out.device, dtype=out.dtype) / math.sqrt(n_sources)  # (batch, R, pos_out)
+        self.cot, self.k = cot, cot.shape[1]
+        self.n_rows, self.layout = n_sources * self.k, (n_sources, self.k)
+
+    def row(self, r: int) -> torch.Tensor:
+        return self.phi[:, r // self.k, :, None] * self.cot[:, r % self.k]  # (batch, pos_out, d_out)
+
+
+class _GivenRows(_Rows):
+    """The given cotangents ``(n, pos_out, d_out)``, shared by every example."""
+
+    def __init__(self, cotangents: torch.Tensor, out: torch.Tensor) -> None:
+        self.cot = cotangents.to(device=out.device, dtype=out.dtype)
+        if self.cot.shape[1:] != out.shape[1:]:
+            raise ValueError(
+                f"cotangents of shape {tuple(self.cot.shape)} do not match the section's output {tuple(out.shape)}"
+            )
+        self.n_rows, self.layout = self.cot.shape[0], (self.cot.shape[0],)
+
+    def row(self, r: int) -> torch.Tensor:
+        return self.cot[r]
+
+
+def _jacobian_rows(out: torch.Tensor, out_basis: LayerBasis | None, signs: torch.Tensor | None) -> _Rows:
+    """The rows of J̄: output neurons, or the features of ``out_basis``; per position, or per source."""
+    if out_basis is None:
+        cot = torch.eye(out.shape[2], dtype=out.dtype, device=out.device)
+    else:
+        cot = out_basis.basis[: out.shape[2]].to(device=out.device, dtype=out.dtype)  # (d_out, k)
+    return _FeatureRows(cot, out) if signs is None else _SourceRows(cot, signs, out)
 
 
 def _point(model: nn.Module, layer_in: NodeLayer, inputs: Any, forward: Forward, point) -> torch.Tensor:
@@ -74,27 +143,27 @@ def _integrated_vjps(
     acts: torch.Tensor,
     rule: IntegrationRule,
     forward: Forward,
-    cotangents: Cotangents,
-) -> torch.Tensor:
-    """Σ_q ω_q wᵣᵀ ∂f^{l+1}/∂f^l at α_q·acts for every cotangent wᵣ: ``(batch, pos_in, n_rows, d_in)``.
+    make_rows: Callable[[torch.Tensor], _Rows],
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Σ_q ω_q wᵣᵀ ∂f^{l+1}/∂f^l at α_q·acts for every cotangent wᵣ: ``(batch, pos_in, n_rows, d_in)``,
+    and the rows' layout.
 
-    ``cotangents(out)`` receives the section's output ``(batch, pos_out, d_out)`` and returns the number
-    of rows and a function giving row r's cotangent, ``(pos_out, d_out)`` for every example alike or
-    ``(batch, pos_out, d_out)``.
-    One VJP of the batch sum per row (the model must treat examples independently).
+    ``make_rows(out)`` receives the section's output ``(batch, pos_out, d_out)`` and returns its
+    :class:`_Rows`. One VJP of the batch sum per row (the model must treat examples independently).
     """
     batch, pos_in, d_in = acts.shape
-    rows = None
+    rows, plan = None, None
     for q, (alpha, weight) in enumerate(zip(rule.alphas.tolist(), rule.weights.tolist())):
         leaf = (alpha * acts).detach().requires_grad_(True)
         with torch.enable_grad():
             out = run_section(model, layer_in, layer_out, inputs, lambda _: leaf, forward)
-        n_rows, cotangent = cotangents(out)
+        plan = make_rows(out)
+        n_rows = plan.n_rows
         if rows is None:
             rows = torch.empty(batch, pos_in, n_rows, d_in, dtype=acts.dtype, device=acts.device)
         for r in range(n_rows):
             (grad,) = torch.autograd.grad(
-                out, leaf, cotangent(r).expand(out.shape), retain_graph=r + 1 < n_rows, allow_unused=True
+                out, leaf, plan.row(r).expand(out.shape), retain_graph=r + 1 < n_rows, allow_unused=True
             )
             row = rows[:, :, r]  # (batch, pos_in, d_in)
             if grad is None:  # the section does not depend on its input along this row
@@ -107,7 +176,7 @@ def _integrated_vjps(
             else:
                 row.add_(grad, alpha=weight)
         del out, leaf
-    return rows
+    return rows, plan.layout
 
 
 def integrated_jacobian(
@@ -146,40 +215,12 @@ def integrated_jacobian(
         ValueError: if the activation or the Jacobian contains NaN or Inf, or ``signs`` do not match.
     """
     acts = _point(model, layer_in, inputs, forward, point)
-    shape: list[int] = []
-
-    def cotangents(out: torch.Tensor) -> tuple[int, Callable[[int], torch.Tensor]]:
-        _, pos_out, d_out = out.shape
-        if out_basis is None:
-            cot = torch.eye(d_out, dtype=out.dtype, device=out.device)
-        else:
-            cot = out_basis.basis[:d_out].to(device=out.device, dtype=out.dtype)  # (d_out, k)
-        k = cot.shape[1]
-        if signs is not None:
-            if signs.shape[0] != out.shape[0] or signs.dim() != 3 or signs.shape[2] != pos_out:
-                raise ValueError(
-                    f"signs of shape {tuple(signs.shape)} do not match (batch, n_sources, pos_out) = "
-                    f"({out.shape[0]}, n_sources, {pos_out})"
-                )
-            phi = signs.to(device=out.device, dtype=out.dtype) / math.sqrt(signs.shape[1])
-            shape[:] = [signs.shape[1], k]
-            return signs.shape[1] * k, lambda r: phi[:, r // k, :, None] * cot[:, r % k]  # (batch, pos_out, d_out)
-        shape[:] = [pos_out, k]
-        grad_out = torch.zeros(pos_out, d_out, dtype=out.dtype, device=out.device)
-
-        def row(r: int) -> torch.Tensor:
-            t, i = divmod(r, k)
-            grad_out.zero_()
-            grad_out[t] = cot[:, i]
-            return grad_out
-
-        return pos_out * k, row
-
-    jac = _integrated_vjps(model, layer_in, layer_out, inputs, acts, rule, forward, cotangents)
+    make_rows = functools.partial(_jacobian_rows, out_basis=out_basis, signs=signs)
+    jac, layout = _integrated_vjps(model, layer_in, layer_out, inputs, acts, rule, forward, make_rows)
     if not torch.isfinite(jac.sum()):
         raise ValueError(f"the Jacobian of section {layer_in.name!r} -> {layer_out.name!r} contains NaN or Inf")
     batch, pos_in, d_in = acts.shape
-    return acts, jac.view(batch, pos_in, *shape, d_in)
+    return acts, jac.view(batch, pos_in, *layout, d_in)
 
 
 def integrated_vjp(
@@ -198,15 +239,10 @@ def integrated_vjp(
     same rule as :func:`integrated_jacobian` (used to probe whether two points have the same Jacobian).
     """
     acts = _point(model, layer_in, inputs, forward, point)
+    make_rows = functools.partial(_GivenRows, cotangents)
+    return _integrated_vjps(model, layer_in, layer_out, inputs, acts, rule, forward, make_rows)[0]
 
-    def rows(out: torch.Tensor) -> tuple[int, Callable[[int], torch.Tensor]]:
-        cot = cotangents.to(device=out.device, dtype=out.dtype)
-        if cot.shape[1:] != out.shape[1:]:
-            raise ValueError(f"cotangents of shape {tuple(cot.shape)} do not match the section's output {tuple(out.shape)}")
-        return cot.shape[0], lambda r: cot[r]
 
-    vjps = _integrated_vjps(model, layer_in, layer_out, inputs, acts, rule, forward, rows)
-    return vjps
 def project(jac: torch.Tensor, basis_out: LayerBasis) -> torch.Tensor:
     """Output rows in neurons -> in the features of ``basis_out``: ĝ = J̄ C^{l+1}, ``(batch, pos_in, pos_out, k, d_in)``.
 
