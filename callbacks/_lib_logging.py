@@ -66,7 +66,9 @@ class AnalysisLogging:
         writers = tensorboards(trainer)
         if not writers and (self.images or self.histograms) and trainer.loggers and not self._warned_images:
             self._warned_images = True
-            rank_zero_warn("LIBAnalysis: no logger can take images or histograms (TensorBoard can); logging scalars only")
+            rank_zero_warn(
+                "LIBAnalysis: no logger can take images or histograms (TensorBoard can); logging scalars only"
+            )
         log_lib_figures(writers, self._names, graphs, summary, step, self.images, self.histograms)
 
     def _write(self, write: Callable[[], None], what: str) -> None:
@@ -83,9 +85,11 @@ class AnalysisLogging:
     def _save(self, folder: str, graphs, metrics: dict[str, float], step: int) -> None:
         os.makedirs(folder, exist_ok=True)
         save_graphs(graphs, os.path.join(folder, f"step_{step:08d}.pt"))
-        atomic_write_text(os.path.join(folder, f"step_{step:08d}.json"), json.dumps({"step": step, "metrics": metrics}, indent=1))
+        text = json.dumps({"step": step, "metrics": metrics}, indent=1)
+        atomic_write_text(os.path.join(folder, f"step_{step:08d}.json"), text)
 
     def _one_line(self, step: int, metrics: dict[str, float], seconds: float) -> str:
-        dims = " ".join(f"{n}={int(metrics.get(f'lib/{n}/dim_rel', -1))}" for n in self._names if f"lib/{n}/dim_rel" in metrics)
+        dims = " ".join(f"{n}={int(metrics[f'lib/{n}/dim_rel'])}" for n in self._names if f"lib/{n}/dim_rel" in metrics)
         q = metrics.get("graph/modularity")
-        return f"LIB step {step}: dim_rel {dims}" + (f", modularity {q:.3f}" if q is not None else "") + f" ({seconds:.1f} s)"
+        modularity = f", modularity {q:.3f}" if q is not None else ""
+        return f"LIB step {step}: dim_rel {dims}{modularity} ({seconds:.1f} s)"

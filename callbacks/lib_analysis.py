@@ -1,8 +1,9 @@
 """LIB analysis during training: bases, edges, degeneracy, sparsity, modularity and basis evolution.
 
 A thin callback: it decides when, builds a fixed analysis set (``_analysis_set.py``), asks
-``lib_lightning.core`` to compute, reduces across processes, and logs (rank zero only, ``_lib_logging.py``). Attach it to any LightningModule by naming its
-modules (paths relative to the LightningModule, as in ``pl_module.named_modules()``).
+``lib_lightning.core`` to compute, reduces across processes, and logs (rank zero only,
+``_lib_logging.py``). Attach it to any LightningModule by naming its modules (paths relative to the
+LightningModule, as in ``pl_module.named_modules()``).
 """
 
 from __future__ import annotations
@@ -153,7 +154,8 @@ class LIBAnalysis(AnalysisSet, AnalysisLogging, Callback):
         self.build_kwargs = dict(
             kinds=self.kinds, rule=rule, n_intervals=n_intervals, center=center, rotate_final=rotate_final,
             abs_threshold=abs_threshold, rel_threshold=rel_threshold, edge_point=edge_point,
-            position_sources=position_sources, seed=seed, chunk_size=chunk_size, cache_bytes=cache_mb << 20, dtype=_DTYPES[dtype],
+            position_sources=position_sources, seed=seed, chunk_size=chunk_size, cache_bytes=cache_mb << 20,
+            dtype=_DTYPES[dtype],
             memory_budget_bytes=None if memory_budget_mb is None else memory_budget_mb << 20,
             context_inputs=None if context_inputs is None else tuple(context_inputs),
         )
@@ -210,7 +212,9 @@ class LIBAnalysis(AnalysisSet, AnalysisLogging, Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.schedule == "log_steps":
-            total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
+            total = trainer.max_steps
+            if not (total and total > 0):
+                total = trainer.estimated_stepping_batches
             if not math.isfinite(total) or total < 1:
                 raise ValueError("log_steps needs a finite run length: set trainer.max_steps or max_epochs")
             steps = np.unique(np.round(np.geomspace(1, int(total), self.every)).astype(int))

@@ -39,7 +39,7 @@ def test_valid_values_pass():
         (lambda: check_fraction(0.0), r"fraction must be in \(0, 1\], got 0.0"),
         (lambda: check_weights(torch.ones(3), "edges", ndim=2), r"edges must be 2-D, got shape \(3,\)"),
         (lambda: check_weights(torch.tensor([1.0, -2.0]), "values", ndim=1), r"values must be non-negative.*at \[1\]"),
-        (lambda: check_weights(torch.tensor([float("inf")]), "values", ndim=1), r"values has non-finite entries at \[0\]"),
+        (lambda: check_weights(torch.tensor([1.0, float("inf")]), "v", ndim=1), r"v has non-finite entries at \[1\]"),
     ],
 )
 def test_bad_values_name_the_argument_and_the_valid_range(call, message):

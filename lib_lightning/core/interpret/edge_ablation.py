@@ -60,10 +60,10 @@ class EdgeAblation:
 def _candidates(edges: torch.Tensor, skip_constant_input: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows and columns of the rankable edges, strongest first (ties by position, row-major)."""
     k_out, k_in = edges.shape
-    first = 1 if skip_constant_input else 0
-    values = edges[:, first:].reshape(-1)  # (k_out * (k_in - first),)
+    first_column = 1 if skip_constant_input else 0
+    values = edges[:, first_column:].reshape(-1)  # (k_out * (k_in - first_column),)
     order = torch.sort(values, descending=True, stable=True).indices
-    return order // (k_in - first), order % (k_in - first) + first
+    return order // (k_in - first_column), order % (k_in - first_column) + first_column
 
 
 def edge_mask(edges: torch.Tensor, k: int, skip_constant_input: bool = True) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """Build LIB, PCA and neuron interaction graphs of any model from module names (spec §2–§4).
 
 The build is a sequence of named passes: the statistics pass (``passes.py``), then per section, from
-the last backwards, its Jacobian pass and its edges pass (``section.py``). Order of work: two forward passes over the data for the means, then the Gram matrices about them, of
-every node layer (stats.py: no cancellation for large means); then, from
-the last section backwards, one pass per section for its integrated Jacobians. Their rows are taken in
+the last backwards, its Jacobian pass and its edges pass (``section.py``). Order of work: two forward
+passes over the data for the means, then the Gram matrices about them, of every node layer (stats.py:
+no cancellation for large means); then, from the last section backwards, one pass per section for its
+integrated Jacobians. Their rows are taken in
 the next layer's basis when every requested kind shares it (LIB alone, or the final layer), so there is
 one VJP per kept feature; otherwise in neurons, projected onto each kind's basis. Each Jacobian chunk
 serves M′ (hence the LIB basis of the section's input layer) and the edges of every basis kind; the
@@ -155,7 +156,9 @@ def build_graphs(
     report = progress or (lambda phase, done, total: None)
     names = [layer.name for layer in node_layers]
     with torch.inference_mode(False), analysis_mode(model, dtype):
-        sizes = dict(chunk_size=chunk_size, cache_bytes=cache_bytes, position_sources=position_sources, lib="lib" in kinds)
+        sizes = dict(
+            chunk_size=chunk_size, cache_bytes=cache_bytes, position_sources=position_sources, lib="lib" in kinds
+        )
         measured = statistics_pass(
             model, node_layers, batches, dtype=dtype, forward=forward, reduce=reduce, report=report,
             check_cuts=check_cuts, context_inputs=context_inputs, memory_budget_bytes=memory_budget_bytes,

@@ -57,8 +57,8 @@ def integration_rule(name: str = "gradient", n_intervals: int = 0) -> Integratio
             weights = np.full(n_intervals + 1, 1.0 / n_intervals)
             weights[[0, -1]] /= 2
     else:
-        x, w = np.polynomial.legendre.leggauss(n_intervals + 1)
-        alphas, weights = (x + 1) / 2, w / 2
+        nodes, gauss_weights = np.polynomial.legendre.leggauss(n_intervals + 1)  # on [-1, 1]
+        alphas, weights = (nodes + 1) / 2, gauss_weights / 2
     return IntegrationRule(
         name, n_intervals, torch.tensor(alphas, dtype=torch.float64), torch.tensor(weights, dtype=torch.float64)
     )

@@ -244,7 +244,8 @@ def integrated_vjp(
 
 
 def project(jac: torch.Tensor, basis_out: LayerBasis) -> torch.Tensor:
-    """Output rows in neurons -> in the features of ``basis_out``: ĝ = J̄ C^{l+1}, ``(batch, pos_in, pos_out, k, d_in)``.
+    """Output rows in neurons -> in the features of ``basis_out``: ĝ = J̄ C^{l+1},
+    ``(batch, pos_in, pos_out, k, d_in)``.
 
     The constant row of C^{l+1} is left out: the constant is not an output of the section.
     """
@@ -254,7 +255,8 @@ def project(jac: torch.Tensor, basis_out: LayerBasis) -> torch.Tensor:
 
 
 def m_prime_update(g: torch.Tensor) -> torch.Tensor:
-    """Partial sum of M′ for a chunk: Σ_x Σ_s Σ_{t,i} ĝ_{s,t,i}ᵀ ĝ_{s,t,i}, ĝ ``(batch, pos_in, pos_out, k_out, d_in)``.
+    """Partial sum of M′ for a chunk: Σ_x Σ_s Σ_{t,i} ĝ_{s,t,i}ᵀ ĝ_{s,t,i}, with ĝ
+    ``(batch, pos_in, pos_out, k_out, d_in)``.
 
     Returns ``(d_in + 1, d_in + 1)`` in float64; the constant coordinate's row and column are zero
     (the constant is not an input of the section).

@@ -106,7 +106,12 @@ class Section:
         return bool((rec - acts).abs().max() <= self.reuse_rtol * acts.abs().max())
 
     def at_reconstruction(
-        self, inputs: Any, chunk: int, cached: tuple[torch.Tensor, torch.Tensor], basis: LayerBasis, out_basis: LayerBasis
+        self,
+        inputs: Any,
+        chunk: int,
+        cached: tuple[torch.Tensor, torch.Tensor],
+        basis: LayerBasis,
+        out_basis: LayerBasis,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The edge point f C C⁺ of ``basis`` and ĝ there, from (f, ĝ) cached at f.
 
