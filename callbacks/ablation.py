@@ -16,11 +16,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.lib_analysis import LIBAnalysis
-from lib_lightning.core.lib import batch as nested
 from lib_lightning.core.interpret.ablation import node_ablation, smallest_passing
 from lib_lightning.core.interpret.edge_ablation import edge_ablation
-from lib_lightning.core.lib.files import atomic_write_text
+from lib_lightning.core.lib import batch as nested
 from lib_lightning.core.lib import build_graphs
+from lib_lightning.core.lib.files import atomic_write_text
 
 __all__ = ["Ablation"]
 

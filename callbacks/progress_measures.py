@@ -16,10 +16,10 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks._tensorboard import write_overview, write_text
 from lib_lightning.core.lib.capture import NodeLayer, default_forward, resolve_modules
-from lib_lightning.tasks.modadd.fourier import embedding_frequency_power, key_frequencies, logit_frequency_power
-from lib_lightning.tasks.modadd.progress import progress_measures
 from lib_lightning.data.modadd import modular_addition_pairs
 from lib_lightning.runtime import import_callable, num_threads, preserved_rng, starts_fresh
+from lib_lightning.tasks.modadd.fourier import embedding_frequency_power, key_frequencies, logit_frequency_power
+from lib_lightning.tasks.modadd.progress import progress_measures
 
 __all__ = ["ProgressMeasures"]
 

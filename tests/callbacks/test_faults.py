@@ -9,9 +9,9 @@ import lightning as L
 import pytest
 from lightning.pytorch.loggers.logger import Logger
 
-import callbacks.ablation as ablation_module
 import callbacks._lib_logging as lib_logging_module
 from callbacks.ablation import Ablation
+import callbacks.ablation as ablation_module
 from callbacks.lib_analysis import LIBAnalysis
 from lib_lightning.core.lib.files import atomic_write
 from lib_lightning.data.modadd import ModularAdditionDataModule

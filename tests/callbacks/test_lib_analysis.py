@@ -13,8 +13,8 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from callbacks.lib_analysis import LIBAnalysis
 from lib_lightning.cli import main
-from lib_lightning.core.lib.graph import load_graphs
 from lib_lightning.core.lib import build_graphs
+from lib_lightning.core.lib.graph import load_graphs
 from lib_lightning.data.modadd import ModularAdditionDataModule
 from lib_lightning.tasks.classifier import ModularAddition
 from tests.callbacks.foreign import ForeignData, ForeignModule, NaNAfter

@@ -16,9 +16,9 @@ from callbacks.ablation import Ablation
 from callbacks.lib_analysis import LIBAnalysis
 from callbacks.llc import LLCCallback
 from lib_lightning.core.lib import batch as nested
+from lib_lightning.core.lib import build_graphs
 from lib_lightning.core.lib.capture import CutError
 from lib_lightning.core.lib.graph import load_graphs
-from lib_lightning.core.lib import build_graphs
 from tests.callbacks.structured import (
     BagOfTokens,
     BatchNormNet,

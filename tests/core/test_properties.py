@@ -24,10 +24,10 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.func import jacrev, vmap
 
+from lib_lightning.core.lib import build_graphs
 from lib_lightning.core.lib.capture import NodeLayer
 from lib_lightning.core.lib.integration import integration_rule
 from lib_lightning.core.lib.jacobian import edge_attributions, integrated_jacobian
-from lib_lightning.core.lib import build_graphs
 from tests.core.lib.test_build import _two_process_graphs
 
 SCALE = int(os.environ.get("LIB_PROPERTY_SCALE", "1"))

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lib_lightning.core.validation import check_thresholds
 from lib_lightning.core.lib.stats import ActivationStats, augment, centring_matrices
+from lib_lightning.core.validation import check_thresholds
 
 __all__ = [
     "LayerBasis", "Whitening", "whiten", "lib_basis", "pca_basis", "neuron_basis", "identity_basis", "NEGATIVE_RTOL",

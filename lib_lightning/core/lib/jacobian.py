@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lib_lightning.core.lib.batch import batch_size as _nested_batch_size
 from lib_lightning.core.lib.basis import LayerBasis
+from lib_lightning.core.lib.batch import batch_size as _nested_batch_size
 from lib_lightning.core.lib.capture import Forward, NodeLayer, capture, run_section, select_examples
 from lib_lightning.core.lib.integration import IntegrationRule
 

@@ -14,9 +14,9 @@ import networkx as nx
 import torch
 
 from lib_lightning.core.lib.basis import LayerBasis
+from lib_lightning.core.lib.graph import InteractionGraph
 from lib_lightning.core.metrics.degeneracy import gradient_degeneracy, gram_rank_deficit, spectrum_stats
 from lib_lightning.core.metrics.evolution import community_stability, match_features, spectrum_distance, subspace_overlap
-from lib_lightning.core.lib.graph import InteractionGraph
 from lib_lightning.core.metrics.modularity import Communities, find_communities, interaction_graph
 from lib_lightning.core.metrics.sparsity import edge_sparsity
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from lib_lightning.core.interpret.ablation import ablation_schedule, evaluate, node_ablation, smallest_passing, substitute
 from lib_lightning.core.interpret.edge_ablation import edge_ablation, edge_mask
-from lib_lightning.core.lib.capture import NodeLayer, capture
 from lib_lightning.core.lib import build_graphs
+from lib_lightning.core.lib.capture import NodeLayer, capture
 from tests.core.models import MLP, TinyTransformer, mlp_inputs
 
 LAYERS = ["inp", "h0", "h1", "out"]

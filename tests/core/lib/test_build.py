@@ -18,9 +18,9 @@ from lib_lightning.core.lib.jacobian import (
     m_prime_update,
     project,
 )
-from lib_lightning.core.lib.integration import integration_rule
-from lib_lightning.core.lib.graph import load_graphs, save_graphs
 from lib_lightning.core.lib import build_graphs, default_reuse_rtol
+from lib_lightning.core.lib.graph import load_graphs, save_graphs
+from lib_lightning.core.lib.integration import integration_rule
 from lib_lightning.core.lib.stats import augment
 from tests.core.models import MLP, TinyTransformer, mlp_inputs
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lib_lightning.core.lib.capture import capture
 from lib_lightning.core.lib import build_graphs
+from lib_lightning.core.lib.capture import capture
 from lib_lightning.core.lib.nodes import NodeLayer
 from tests.core.models import MLP, mlp_inputs
 

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from lib_lightning.core import CutError, IndependenceError, MemoryBudgetError
-from lib_lightning.core.lib.checks import check_cut, check_independence, context_keys
 from lib_lightning.core.lib import build_graphs
+from lib_lightning.core.lib.checks import check_cut, check_independence, context_keys
 from lib_lightning.core.lib.memory import estimate_memory
 from lib_lightning.core.lib.nodes import NodeLayer
 from tests.core.models import MLP, hf_forward, mlp_inputs, padded_tokens, tiny_gpt2

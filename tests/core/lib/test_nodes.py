@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from lib_lightning.core.lib.capture import capture, check_cut, run_section
 from lib_lightning.core.lib import build_graphs
+from lib_lightning.core.lib.capture import capture, check_cut, run_section
 from lib_lightning.core.lib.nodes import NodeLayer
 
 

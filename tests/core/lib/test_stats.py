@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_lightning.core.lib.basis import whiten
 from lib_lightning.core.lib import build_graphs
+from lib_lightning.core.lib.basis import whiten
 from lib_lightning.core.lib.stats import mean_update, shift_of, stats_update
 from lib_lightning.core.metrics.summary import SummaryOptions, summarise
 from tests.core.models import MLP

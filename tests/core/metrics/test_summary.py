@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_lightning.core.lib.basis import neuron_basis
-from lib_lightning.core.metrics.evolution import subspace_overlap
 from lib_lightning.core.lib import build_graphs
-from lib_lightning.core.metrics.sparsity import n_to_hold
+from lib_lightning.core.lib.basis import neuron_basis
 from lib_lightning.core.lib.stats import mean_update, shift_of, stats_update
+from lib_lightning.core.metrics.evolution import subspace_overlap
+from lib_lightning.core.metrics.sparsity import n_to_hold
 from lib_lightning.core.metrics.summary import SummaryOptions, summarise
 from tests.core.models import MLP, mlp_inputs
 

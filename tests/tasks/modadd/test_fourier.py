@@ -17,8 +17,8 @@ from lib_lightning.tasks.modadd.fourier import (
     key_frequencies,
     logit_frequency_power,
 )
-from lib_lightning.tasks.modadd.progress import key_frequency_logits, progress_measures
 from lib_lightning.data.modadd import modular_addition_pairs
+from lib_lightning.tasks.modadd.progress import key_frequency_logits, progress_measures
 
 P = 7
 TOL = dict(rtol=0, atol=1e-12)
