@@ -6,7 +6,7 @@ Jacobians and their rules (``jacobian``, ``integration``), the build in named pa
 statistics pass in ``passes``, then per section the Jacobian pass and the edges pass in ``section``,
 with the Jacobian ``cache`` between them) and the graphs with their files (``graph``, ``files``).
 
-May import: torch and ``lib_lightning.core.validation`` only; never metrics, interpret, tasks or
+May import: torch, numpy and ``lib_lightning.core.validation``; never metrics, interpret, tasks or
 Lightning.
 """
 
