@@ -226,6 +226,7 @@ def edges_pass(
             basis = in_bases[kind]
             point = _edge_point(section, inputs, chunk, kind, acts, cached, basis, out_bases[kind])
             edge_sums[kind] = accumulate(edge_sums[kind], edges_update(*point, basis))
+            del point  # not held while the next chunk's Jacobians are taken
         del acts, cached
         report(section.phase("edges"), chunk + 1, 0)
     return edge_sums
