@@ -60,20 +60,21 @@ def _relative_errors(ref, other, floor: float) -> tuple[float, float]:
 
 def _recomputed_examples(model, inputs, dtype) -> int:
     """Examples whose Jacobians ``edge_point="reconstruction"`` recomputes, with the default ``reuse_rtol``."""
-    import lib_lightning.core.lib as lib
+    import lib_lightning.core.lib.section as section
+    from lib_lightning.core.lib import build_graphs
 
     calls = [0]
-    original = lib.integrated_jacobian
+    original = section.integrated_jacobian
 
     def counting(model, layer_in, layer_out, inputs, *args, **kwargs):
         calls[0] += len(inputs)
         return original(model, layer_in, layer_out, inputs, *args, **kwargs)
 
-    lib.integrated_jacobian = counting
+    section.integrated_jacobian = counting
     try:
-        lib.build_graphs(model, LAYERS, [inputs], kinds=("lib",), dtype=dtype, edge_point="reconstruction")
+        build_graphs(model, LAYERS, [inputs], kinds=("lib",), dtype=dtype, edge_point="reconstruction")
     finally:
-        lib.integrated_jacobian = original
+        section.integrated_jacobian = original
     return calls[0] - len(inputs) * (len(LAYERS) - 1)  # beyond the one basis pass per section
 
 
@@ -85,7 +86,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from lib_lightning.core.lib import build_graphs
-    from lib_lightning.core.summary import SummaryOptions, summarise
+    from lib_lightning.core.metrics.summary import SummaryOptions, summarise
 
     model, inputs, data = _model_and_inputs(args.ckpt, args.size)
     out = {"held_out_accuracy": _accuracy(model, data), "size": len(inputs)}

@@ -63,10 +63,10 @@ def run_ours(model, tokens, chunk_size: int, cache_bytes: int, dtype=torch.float
 
 def run_reference(model, tokens):
     """Whole dataset as one batch, one autograd.grad per output dimension, two passes per section."""
-    from lib_lightning.core.basis import identity_basis, lib_basis, whiten
-    from lib_lightning.core.capture import NodeLayer, capture, run_section
-    from lib_lightning.core.modes import analysis_mode
-    from lib_lightning.core.stats import augment, mean_update, shift_of, stats_update
+    from lib_lightning.core.lib.basis import identity_basis, lib_basis, whiten
+    from lib_lightning.core.lib.capture import NodeLayer, capture, run_section
+    from lib_lightning.core.lib.modes import analysis_mode
+    from lib_lightning.core.lib.stats import augment, mean_update, shift_of, stats_update
 
     layers = [NodeLayer(n) for n in LAYERS]
     phases: dict[str, float] = {}

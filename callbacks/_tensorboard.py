@@ -17,7 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from lib_lightning.core.summary import spectrum
+from lib_lightning.core.metrics.summary import spectrum
 from lib_lightning.tensorboard import (
     hparams_summaries,
     layer_categories,

@@ -1,6 +1,6 @@
 """Node and edge ablation on a schedule during training (off unless added to the callbacks: it costs more).
 
-The callback decides when and on which data; :mod:`lib_lightning.core.ablation` decides how. It shares
+The callback decides when and on which data; :mod:`lib_lightning.core.interpret.ablation` decides how. It shares
 the LIB callback's arguments (node layers, schedule, analysis set, basis settings) and builds its own
 graphs at each analysis, then evaluates on held-out data.
 """
@@ -16,11 +16,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.lib_analysis import LIBAnalysis
-from lib_lightning.core import batch as nested
-from lib_lightning.core.ablation import node_ablation, smallest_passing
-from lib_lightning.core.edge_ablation import edge_ablation
-from lib_lightning.core.files import atomic_write_text
+from lib_lightning.core.interpret.ablation import node_ablation, smallest_passing
+from lib_lightning.core.interpret.edge_ablation import edge_ablation
+from lib_lightning.core.lib import batch as nested
 from lib_lightning.core.lib import build_graphs
+from lib_lightning.core.lib.files import atomic_write_text
 
 __all__ = ["Ablation"]
 

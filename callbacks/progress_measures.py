@@ -1,6 +1,6 @@
 """Grokking progress measures on the training timeline: restricted and excluded loss of modular addition.
 
-The callback decides when; :func:`lib_lightning.core.progress.progress_measures` decides how. The measures
+The callback decides when; :func:`lib_lightning.tasks.modadd.progress.progress_measures` decides how. The measures
 sit on the same step axis as the LIB callback's degeneracy, sparsity and modularity.
 """
 
@@ -15,11 +15,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks._tensorboard import write_overview, write_text
-from lib_lightning.core.capture import NodeLayer, default_forward, resolve_modules
-from lib_lightning.core.fourier import embedding_frequency_power, key_frequencies, logit_frequency_power
-from lib_lightning.core.progress import progress_measures
+from lib_lightning.core.lib.capture import NodeLayer, default_forward, resolve_modules
 from lib_lightning.data.modadd import modular_addition_pairs
 from lib_lightning.runtime import import_callable, num_threads, preserved_rng, starts_fresh
+from lib_lightning.tasks.modadd.fourier import embedding_frequency_power, key_frequencies, logit_frequency_power
+from lib_lightning.tasks.modadd.progress import progress_measures
 
 __all__ = ["ProgressMeasures"]
 

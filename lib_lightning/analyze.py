@@ -3,7 +3,7 @@
 Loads the model (a Lightning checkpoint, or a plain state dict with ``--config``), builds the LIB and PCA
 graphs with the LIB callback's settings, and writes to ``--out``:
 
-- ``graphs.pt``: every basis and edge matrix (:func:`lib_lightning.core.graph.save_graphs`);
+- ``graphs.pt``: every basis and edge matrix (:func:`lib_lightning.core.lib.graph.save_graphs`);
 - ``metrics.json``: the callback's metrics, node- and edge-ablation results, edges required per section,
   and (modular addition) key frequencies, community purity and progress measures;
 - ``spectra.png``, ``graph.png`` (Fourier labels on the nodes for modular addition), ``node_ablation.png``,
@@ -30,25 +30,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lib_lightning.core import batch as nested
-from lib_lightning.core.ablation import node_ablation, smallest_passing
-from lib_lightning.core.capture import NodeLayer, capture
-from lib_lightning.core.edge_ablation import edge_ablation
-from lib_lightning.core.files import atomic_write
-from lib_lightning.core.fourier import (
-    community_frequencies,
-    embedding_frequency_power,
-    fourier_labels,
-    grid_spectrum,
-    key_frequencies,
-    logit_frequency_power,
-)
-from lib_lightning.core.graph import save_graphs
+from lib_lightning.core.interpret.ablation import node_ablation, smallest_passing
+from lib_lightning.core.interpret.edge_ablation import edge_ablation
+from lib_lightning.core.lib import batch as nested
 from lib_lightning.core.lib import build_graphs
-from lib_lightning.core.modes import analysis_mode
-from lib_lightning.core.modularity import find_communities, interaction_graph
-from lib_lightning.core.progress import progress_measures
-from lib_lightning.core.summary import short_names, spectrum, summarise
+from lib_lightning.core.lib.files import atomic_write
+from lib_lightning.core.lib.graph import save_graphs
+from lib_lightning.core.metrics.summary import short_names, spectrum, summarise
 from lib_lightning.loading import (
     PROJECT_PACKAGES,
     Trust,
@@ -58,6 +46,7 @@ from lib_lightning.loading import (
     load_task,
     read_config,
 )
+from lib_lightning.data.modadd import modular_addition_pairs
 from lib_lightning.models.transformer import ModAddTransformer
 from lib_lightning.plotting import (
     plot_edge_ablation,
@@ -66,6 +55,7 @@ from lib_lightning.plotting import (
     plot_spectra,
 )
 from lib_lightning.runtime import oversize_message
+from lib_lightning.tasks.modadd.report import fourier_report
 
 __all__ = ["main", "analyze", "parse_args"]
 
@@ -138,63 +128,6 @@ def _write_figure(path: str, fig) -> None:
 
 
 # ----------------------------------------------------------------------------- the analysis
-def _fourier(task, cb, graphs, summary, dm, key_threshold: float, cutoffs: list[float] | None) -> dict[str, Any]:
-    """Fourier labels of every LIB feature, key frequencies, community purity and progress measures."""
-    from lib_lightning.data.modadd import modular_addition_pairs
-
-    p = task.model.p
-    tokens, labels = modular_addition_pairs(p)
-    lib = graphs["lib"]
-    names = short_names(lib.layer_names)
-    keep = [i for i, layer in enumerate(lib.layers) if layer.has_constant]
-    with torch.no_grad(), analysis_mode(task, torch.float64):
-        parts = [capture(task, [NodeLayer.parse(lib.layer_names[i]) for i in keep], tokens[s : s + 4096], cb.forward)
-                 for s in range(0, p * p, 4096)]
-        logits = torch.cat([cb.forward(task, tokens[s : s + 4096]) for s in range(0, p * p, 4096)])
-        embed = task.model.embed.weight[:p].clone()
-    features, fractions, label_of = {}, {}, {}
-    for j, i in enumerate(keep):
-        feats = lib.layers[i].transform(torch.cat([part[j] for part in parts]))  # (p*p, pos, d_lib)
-        spec = grid_spectrum(feats, p)
-        texts = fourier_labels(spec)
-        short = fourier_labels(spec, min_fraction=0.25, max_terms=2)
-        rows = []
-        for f in range(lib.layers[i].d_lib):
-            node = (names[i], f)
-            fractions[node] = spec.frequency_fractions[f]
-            label_of[node] = short[f]
-            rows.append({"feature": f, "lambda": float(lib.layers[i].lambdas[f]), "label": texts[f],
-                         "dominant": int(spec.dominant[f]),
-                         "dominant_fraction": float(spec.frequency_fractions[f].max()),
-                         "variance": float(spec.variance[f])})
-        features[names[i]] = rows
-    power_embed, power_logits = embedding_frequency_power(embed), logit_frequency_power(logits, p)
-    key = key_frequencies(power_embed, key_threshold)
-    key_logits = key_frequencies(power_logits, key_threshold)
-
-    def communities_of(graph, communities) -> list[dict[str, Any]]:
-        weights = {node: graph.degree(node, weight="weight") for node in graph.nodes}
-        return [vars(c) for c in community_frequencies(communities.membership, fractions, weights, key)]
-
-    out: dict[str, Any] = {"p": p, "key_threshold": key_threshold,
-                           "key_frequencies": {"embedding": key, "logits": key_logits},
-                           "power": {"embedding": (power_embed / power_embed.sum()).tolist(),
-                                     "logits": (power_logits / power_logits.sum()).tolist()}}
-    if summary.communities is not None:
-        out["communities"] = communities_of(summary.graph, summary.communities)
-        out["modularity"] = summary.communities.modularity
-    if cutoffs is not None and all(c > 0 for c in cutoffs):
-        # The reference's weighting: ε_l = the weakest edge kept at the bisection threshold (LIB_SPEC.md §6).
-        graph = interaction_graph([lib.edges[i] for i in keep[:-1]], [names[i] for i in keep], cutoffs=cutoffs)
-        comms = find_communities(graph, seed=cb.options.seed)
-        out["communities_ablation_cutoffs"] = communities_of(graph, comms)
-        out["modularity_ablation_cutoffs"] = comms.modularity
-    train_idx = torch.as_tensor(getattr(dm, "train_idx", torch.arange(p * p)))
-    out["progress"] = vars(progress_measures(logits, labels, p, key, excluded_index=train_idx)) if key else None
-    out["features"] = features
-    return out | {"_labels": label_of}
-
-
 _EDGE_FIELDS = ("n_edges", "n_required", "reached", "ks", "accuracy", "loss", "baseline_accuracy", "cutoff")
 
 
@@ -305,7 +238,11 @@ def analyze(args: argparse.Namespace) -> dict[str, Any]:
         bar.set_description("analyze: fourier")
         keep = [i for i, layer in enumerate(graphs["lib"].layers) if layer.has_constant]
         cutoffs = [edges["lib"][i].cutoff for i in keep[:-1]] if "lib" in edges else None
-        fourier = _fourier(task, cb, graphs, summary, dm, args.key_threshold, cutoffs)
+        train_idx = torch.as_tensor(getattr(dm, "train_idx", torch.arange(task.model.p**2)))
+        fourier = fourier_report(
+            task, cb.forward, graphs, summary, modular_addition_pairs(task.model.p), train_idx,
+            args.key_threshold, cutoffs, seed=cb.options.seed,
+        )  # fmt: skip
         labels = fourier.pop("_labels")
         _write_json(os.path.join(args.out, "fourier.json"), fourier)
         keys = ("key_frequencies", "communities", "modularity", "communities_ablation_cutoffs",

@@ -16,7 +16,7 @@ from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from lib_lightning.core.modularity import Communities
+from lib_lightning.core.metrics.modularity import Communities
 
 __all__ = ["plot_interaction_graph"]
 

@@ -75,7 +75,7 @@ def write_or_count(write: Callable[[], None], what: str, failures: int, warn: Ca
 
     Files of an analysis are auxiliary: a failed write must not end training. Only the first failure is
     reported (``warn``, one line, no traceback); later ones are only counted, so a full disk does not
-    flood the log. The writes themselves are atomic (:mod:`lib_lightning.core.files`): a failed one
+    flood the log. The writes themselves are atomic (:mod:`lib_lightning.core.lib.files`): a failed one
     leaves neither a temporary file nor half a file.
     """
     try:

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from callbacks.lib_analysis import LIBAnalysis
 from callbacks.progress_measures import ProgressMeasures
 from lib_lightning.cli import main
-from lib_lightning.core.graph import load_graphs
+from lib_lightning.core.lib.graph import load_graphs
 from lib_lightning.data.modadd import ModularAdditionDataModule
 from lib_lightning.tasks.classifier import ModularAddition
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from lib_lightning.core.modularity import find_communities, interaction_graph
+from lib_lightning.core.metrics.modularity import find_communities, interaction_graph
 from lib_lightning.plotting import figure_to_array, plot_interaction_graph, plot_spectra
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from callbacks.ablation import Ablation
-from lib_lightning.core.edge_ablation import edge_ablation
+from lib_lightning.core.interpret.edge_ablation import edge_ablation
 from lib_lightning.core.lib import build_graphs
 from lib_lightning.data.modadd import ModularAdditionDataModule
 from lib_lightning.tasks.classifier import ModularAddition

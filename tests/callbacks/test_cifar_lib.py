@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from callbacks.lib_analysis import LIBAnalysis
-from lib_lightning.core.capture import NodeLayer, check_cut
+from lib_lightning.core.lib.capture import NodeLayer, check_cut
 from lib_lightning.data.cifar10 import CIFAR10DataModule
 from lib_lightning.tasks.cifar import CifarClassifier
 
@@ -35,7 +35,7 @@ def test_lib_callback_on_cifar_models(arch, kwargs, layers, widths, fake_dm, tmp
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[cb])
     trainer.fit(CifarClassifier(arch=arch, **kwargs), fake_dm)
     assert cb.analysed_steps == [5, 10]
-    from lib_lightning.core.graph import load_graphs
+    from lib_lightning.core.lib.graph import load_graphs
 
     graphs = load_graphs(tmp_path / "lib" / "step_00000010.pt")
     for kind in ("lib", "pca"):

@@ -9,11 +9,11 @@ import lightning as L
 import pytest
 from lightning.pytorch.loggers.logger import Logger
 
-import callbacks.ablation as ablation_module
-import callbacks.lib_analysis as lib_module
+import callbacks._lib_logging as lib_logging_module
 from callbacks.ablation import Ablation
+import callbacks.ablation as ablation_module
 from callbacks.lib_analysis import LIBAnalysis
-from lib_lightning.core.files import atomic_write
+from lib_lightning.core.lib.files import atomic_write
 from lib_lightning.data.modadd import ModularAdditionDataModule
 from lib_lightning.tasks.classifier import ModularAddition
 from tests.callbacks.foreign import ForeignData, ForeignModule
@@ -60,7 +60,7 @@ def _fit(root, callbacks, logger=False, max_steps=10):
 
 
 def test_a_full_disk_skips_the_analysis_files_counts_them_and_training_goes_on(tmp_path, monkeypatch):
-    monkeypatch.setattr(lib_module, "save_graphs", lambda graphs, path: _full_disk(path))
+    monkeypatch.setattr(lib_logging_module, "save_graphs", lambda graphs, path: _full_disk(path))
     logger = MemoryLogger()
     cb = LIBAnalysis(LAYERS, every_n_steps=5, size=64, images=False, histograms=False)
     with pytest.warns(UserWarning, match=r"could not write the LIB analysis of step 0 \(OSError: \[Errno 28\]") as caught:

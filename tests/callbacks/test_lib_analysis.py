@@ -13,8 +13,8 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from callbacks.lib_analysis import LIBAnalysis
 from lib_lightning.cli import main
-from lib_lightning.core.graph import load_graphs
 from lib_lightning.core.lib import build_graphs
+from lib_lightning.core.lib.graph import load_graphs
 from lib_lightning.data.modadd import ModularAdditionDataModule
 from lib_lightning.tasks.classifier import ModularAddition
 from tests.callbacks.foreign import ForeignData, ForeignModule, NaNAfter
@@ -134,7 +134,7 @@ def test_a_failing_metric_is_counted_and_skipped_and_the_others_are_logged(tmp_p
     def broken(*args, **kwargs):
         raise RuntimeError("community detection broke")
 
-    monkeypatch.setattr("lib_lightning.core.summary.find_communities", broken)
+    monkeypatch.setattr("lib_lightning.core.metrics.summary.find_communities", broken)
     L.seed_everything(0)
     cb = _foreign_callback()
     with pytest.warns(UserWarning, match=r"step 4: 1 metric\(s\) failed and were skipped \(graph/modularity: RuntimeError"):

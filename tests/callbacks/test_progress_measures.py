@@ -8,10 +8,10 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from callbacks.progress_measures import ProgressMeasures
-from lib_lightning.core.fourier import embedding_frequency_power, key_frequencies
-from lib_lightning.core.progress import progress_measures
 from lib_lightning.data.modadd import ModularAdditionDataModule, modular_addition_pairs
 from lib_lightning.tasks.classifier import ModularAddition
+from lib_lightning.tasks.modadd.fourier import embedding_frequency_power, key_frequencies
+from lib_lightning.tasks.modadd.progress import progress_measures
 
 SMALL = dict(p=23, d_model=32, n_heads=2, d_head=16, d_mlp=64, lr=1e-2)
 

@@ -15,10 +15,10 @@ from transformers import BatchEncoding
 from callbacks.ablation import Ablation
 from callbacks.lib_analysis import LIBAnalysis
 from callbacks.llc import LLCCallback
-from lib_lightning.core import batch as nested
-from lib_lightning.core.capture import CutError
-from lib_lightning.core.graph import load_graphs
+from lib_lightning.core.lib import batch as nested
 from lib_lightning.core.lib import build_graphs
+from lib_lightning.core.lib.capture import CutError
+from lib_lightning.core.lib.graph import load_graphs
 from tests.callbacks.structured import (
     BagOfTokens,
     BatchNormNet,

@@ -124,7 +124,7 @@ def test_only_a_lib_callback_on_a_foreign_module(tmp_path):
 
 def test_callback_settings_reads_each_argument_where_the_callback_kept_it():
     cb = LIBAnalysis(MODADD_LAYERS, log_steps=7, size=50, rule="gauss-legendre", n_intervals=3, resolution=0.5,
-                     forward="lib_lightning.core.capture:default_forward", name="a", abs_threshold=1e-9,
+                     forward="lib_lightning.core.lib.capture:default_forward", name="a", abs_threshold=1e-9,
                      dim_abs_threshold=1e-8, dim_rel_threshold=1e-2)
     settings = callback_settings(cb)
     assert (settings["abs_threshold"], settings["dim_abs_threshold"], settings["dim_rel_threshold"]) == (1e-9, 1e-8, 1e-2)

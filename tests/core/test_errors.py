@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from lib_lightning.core.capture import CutError, NodeLayer, check_cut
-from lib_lightning.core.integration import integration_rule
 from lib_lightning.core.lib import build_graphs
+from lib_lightning.core.lib.capture import CutError, NodeLayer, check_cut
+from lib_lightning.core.lib.integration import integration_rule
 from tests.core.models import MLP, Residual, TinyTransformer, mlp_inputs
 
 LAYERS = ["inp", "h0", "h1", "out"]

@@ -24,11 +24,11 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.func import jacrev, vmap
 
-from lib_lightning.core.capture import NodeLayer
-from lib_lightning.core.integration import integration_rule
-from lib_lightning.core.jacobian import edge_attributions, integrated_jacobian
 from lib_lightning.core.lib import build_graphs
-from tests.core.test_lib import _two_process_graphs
+from lib_lightning.core.lib.capture import NodeLayer
+from lib_lightning.core.lib.integration import integration_rule
+from lib_lightning.core.lib.jacobian import edge_attributions, integrated_jacobian
+from tests.core.lib.test_build import _two_process_graphs
 
 SCALE = int(os.environ.get("LIB_PROPERTY_SCALE", "1"))
 ACTS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "none": nn.Identity}

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from lib_lightning.core.capture import NodeLayer
-from lib_lightning.core.coactivation import relu_coactivation
 from lib_lightning.core.lib import build_graphs
+from lib_lightning.core.lib.capture import NodeLayer
+from lib_lightning.core.metrics.coactivation import relu_coactivation
 
 _FACTORIES = {torch.tensor, torch.as_tensor, torch.scalar_tensor, torch.zeros, torch.ones, torch.empty, torch.full,
               torch.arange}

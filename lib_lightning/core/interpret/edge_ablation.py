@@ -1,0 +1,190 @@
+"""Edge ablation in a basis (LIB_SPEC.md §5, §7): accuracy and loss against the edges kept.
+
+Keeps the k strongest edges of one section: for each output feature i the input features whose edges
+to i are dropped are zeroed, the result is mapped back with C⁺, the section is run, and component i is
+read; the assembled output features are mapped back through C^{l+1,+} and the rest of the model runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lib_lightning.core.interpret.ablation import Data, Evaluation, check_data, evaluate, substitute
+from lib_lightning.core.lib.basis import LayerBasis
+from lib_lightning.core.lib.capture import Forward, NodeLayer, capture, default_forward, run_section
+from lib_lightning.core.lib.graph import InteractionGraph
+from lib_lightning.core.lib.modes import analysis_mode, prepare_inputs
+
+__all__ = ["EdgeAblation", "edge_mask", "edge_ablation"]
+
+
+@dataclass(frozen=True)
+class EdgeAblation:
+    """One section with only its k strongest edges kept, and the fewest edges that keep accuracy.
+
+    Attributes:
+        section: ``"<layer_in>-><layer_out>"``.
+        kind: the basis kind.
+        n_edges: number of rankable edges (edges out of the constant node are always kept, not counted).
+        n_required: the fewest strongest edges with accuracy >= ``baseline_accuracy - tolerance`` (by an
+            exponential search then bisection; ``n_edges`` when even all edges fall short, see ``reached``).
+        reached: whether keeping ``n_required`` edges meets the target.
+        tolerance: the accuracy tolerance of the search.
+        ks: ``(m,)`` every number of edges evaluated, ascending.
+        accuracy, loss: ``(m,)`` at each of ``ks``.
+        baseline_accuracy, baseline_loss: the unablated model.
+        cutoff: the weight E of the weakest edge kept at ``n_required`` (0 when none is kept): the ε of the
+            reference's log weighting for modularity (LIB_SPEC.md §6).
+    """
+
+    section: str
+    kind: str
+    n_edges: int
+    n_required: int
+    reached: bool
+    tolerance: float
+    ks: torch.Tensor
+    accuracy: torch.Tensor
+    loss: torch.Tensor
+    baseline_accuracy: float
+    baseline_loss: float
+    cutoff: float
+
+
+
+def _candidates(edges: torch.Tensor, skip_constant_input: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows and columns of the rankable edges, strongest first (ties by position, row-major)."""
+    k_out, k_in = edges.shape
+    first_column = 1 if skip_constant_input else 0
+    values = edges[:, first_column:].reshape(-1)  # (k_out * (k_in - first_column),)
+    order = torch.sort(values, descending=True, stable=True).indices
+    return order // (k_in - first_column), order % (k_in - first_column) + first_column
+
+
+def edge_mask(edges: torch.Tensor, k: int, skip_constant_input: bool = True) -> torch.Tensor:
+    """``(k_out, k_in)`` bool: the k strongest edges by E, plus every edge out of the constant node.
+
+    Args:
+        edges: ``(k_out, k_in)`` non-negative edge weights E, rows = output features.
+        k: number of rankable edges to keep, in [0, number of rankable edges].
+        skip_constant_input: input feature 0 is the constant direction: its edges are always kept and
+            not counted.
+
+    Raises:
+        ValueError: for a non-2-D edge matrix or k out of range.
+    """
+    if edges.ndim != 2:
+        raise ValueError(f"edges must be (k_out, k_in), got shape {tuple(edges.shape)}")
+    rows, cols = _candidates(edges, skip_constant_input)
+    if not 0 <= k <= rows.numel():
+        raise ValueError(f"k must be in [0, {rows.numel()}] (the rankable edges), got {k}")
+    mask = torch.zeros(edges.shape, dtype=torch.bool, device=edges.device)
+    mask[rows[:k], cols[:k]] = True
+    if skip_constant_input:
+        mask[:, 0] = True
+    return mask
+
+
+def _edge_run(model, forward, layer_in, layer_out, basis_in: LayerBasis, basis_out: LayerBasis, mask: torch.Tensor):
+    """inputs -> logits with the section's edges outside ``mask`` ablated."""
+    groups, inverse = torch.unique(mask, dim=0, return_inverse=True)  # (g, k_in), (k_out,)
+
+    def run(inputs: Any) -> Any:
+        (act_in,) = capture(model, [layer_in], inputs, forward)  # (batch, pos_in, d_in)
+        feats_in = basis_in.transform(act_in)  # (batch, pos_in, k_in)
+        feats_out = None
+        for g in range(groups.shape[0]):
+            rows = torch.nonzero(inverse == g).squeeze(1)
+            masked = basis_in.reconstruct(feats_in * groups[g]).to(act_in.dtype)  # (batch, pos_in, d_in)
+            out = basis_out.transform(run_section(model, layer_in, layer_out, inputs, lambda _: masked, forward))
+            if feats_out is None:
+                feats_out = torch.zeros_like(out)  # (batch, pos_out, k_out)
+            feats_out[..., rows] = out[..., rows]
+        act_out = basis_out.reconstruct(feats_out)  # (batch, pos_out, d_out)
+        return substitute(model, layer_out, lambda act: act_out.to(act.dtype), inputs, forward)
+
+    return run
+
+
+def edge_ablation(
+    model: nn.Module,
+    graph: InteractionGraph,
+    section: int,
+    data: Data,
+    *,
+    forward: Forward = default_forward,
+    tolerance: float = 1e-3,
+    ks: Sequence[int] = (),
+    dtype: torch.dtype | None = torch.float64,
+) -> EdgeAblation:
+    """The fewest strongest edges of one section that keep accuracy within ``tolerance`` (LIB_SPEC.md §5).
+
+    Edges are ranked by E; edges out of the constant node are always kept and not counted. With the k
+    strongest kept, output feature i of node layer l+1 is read from the section run on
+    (f̂ ⊙ m_i) C⁺, where m_i zeroes the input features whose edges to i are dropped; output features with
+    the same mask share one run. The assembled output features are mapped back through C^{l+1,+} and the
+    rest of the model runs. The search evaluates k = 0, 1, 2, 4, ... until the accuracy reaches
+    ``baseline - tolerance``, then bisects between the last two; it assumes accuracy grows with k.
+
+    Args:
+        model: the model the graph was built on (eval mode, frozen, cast to ``dtype`` meanwhile).
+        graph: bases and edges of every node layer.
+        section: index l of the section from node layer l to l+1.
+        data: held-out ``(inputs, labels)`` batches.
+        tolerance: accuracy drop allowed, >= 0 (the reference: 0.001).
+        ks: further numbers of edges to evaluate for the curve (clipped to the number of edges).
+        dtype: precision of the evaluation.
+
+    Raises:
+        ValueError: for a section out of range, a negative tolerance or empty data.
+    """
+    data = check_data(data)
+    if not 0 <= section < len(graph.edges):
+        last = len(graph.edges) - 1
+        raise ValueError(f"section must be in [0, {last}] for node layers {graph.layer_names}, got {section}")
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    basis_in, basis_out = graph.layers[section], graph.layers[section + 1]
+    edges = graph.edges[section]
+    skip = basis_in.has_constant
+    n_edges = edges.shape[0] * (edges.shape[1] - (1 if skip else 0))
+    layer_in, layer_out = NodeLayer.parse(basis_in.name), NodeLayer.parse(basis_out.name)
+    data = [(prepare_inputs(inputs, dtype), labels) for inputs, labels in data]
+    results: dict[int, Evaluation] = {}
+    with torch.no_grad(), analysis_mode(model, dtype):
+        baseline = evaluate(lambda inputs: forward(model, inputs), data)
+        target = baseline.accuracy - tolerance
+
+        def at(k: int) -> Evaluation:
+            if k not in results:
+                mask = edge_mask(edges, k, skip)
+                results[k] = evaluate(_edge_run(model, forward, layer_in, layer_out, basis_in, basis_out, mask), data)
+            return results[k]
+
+        lo, hi = -1, 0  # at(lo) fails (-1: nothing evaluated yet), at(hi) is the candidate
+        while hi < n_edges and at(hi).accuracy < target:
+            lo, hi = hi, min(n_edges, max(1, 2 * hi))
+        reached = at(hi).accuracy >= target
+        if reached:
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if at(mid).accuracy >= target:
+                    hi = mid
+                else:
+                    lo = mid
+        for k in ks:
+            at(min(max(int(k), 0), n_edges))
+    rows, cols = _candidates(edges, skip)
+    cutoff = float(edges[rows[hi - 1], cols[hi - 1]]) if hi > 0 else 0.0
+    order = sorted(results)
+    return EdgeAblation(
+        f"{basis_in.name}->{basis_out.name}", graph.kind, n_edges, hi, bool(reached), float(tolerance),
+        torch.tensor(order), torch.tensor([results[k].accuracy for k in order], dtype=torch.float64),
+        torch.tensor([results[k].loss for k in order], dtype=torch.float64),
+        baseline.accuracy, baseline.loss, cutoff,
+    )

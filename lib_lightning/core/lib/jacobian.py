@@ -1,0 +1,292 @@
+"""Integrated Jacobians of a section, chunk by chunk, and the sums built from them (M′ and edges).
+
+For a chunk of examples, J̄ ``(batch, pos_in, pos_out, k, d_in)`` is Σ_q ω_q ∂f^{l+1}/∂f^l at
+α_q f^l(x), with its output rows in neurons or in the features of the next layer's basis, taken with
+one vector-Jacobian product per output row (measured faster on CPU than vmap over VJPs or jacrev, and
+memory stays at one chunk). The model must treat examples independently
+(eval mode), because the VJP of the batch sum is taken.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from lib_lightning.core.lib.basis import LayerBasis
+from lib_lightning.core.lib.batch import batch_size as _nested_batch_size
+from lib_lightning.core.lib.capture import Forward, NodeLayer, capture, run_section, select_examples
+from lib_lightning.core.lib.integration import IntegrationRule
+
+__all__ = [
+    "batch_size",
+    "split_batch",
+    "chunks",
+    "integrated_jacobian",
+    "integrated_vjp",
+    "project",
+    "m_prime_update",
+    "edge_attributions",
+    "edges_update",
+]
+
+
+def batch_size(inputs: Any) -> int:
+    """The number of examples in model inputs (a tensor, or a nesting of tuples/lists/dicts/mappings of
+    tensors, batch first); a leaf with another batch size is an error (see :mod:`lib_lightning.core.lib.batch`)."""
+    return _nested_batch_size(inputs)
+
+
+def split_batch(inputs: Any, chunk_size: int) -> Iterator[Any]:
+    """Splits model inputs (a tensor or a nesting of tensors, batch first) into chunks."""
+    n = batch_size(inputs)
+    for start in range(0, n, chunk_size):
+        yield select_examples(inputs, slice(start, start + chunk_size))
+
+
+def chunks(batches: Iterable[Any], chunk_size: int) -> Iterator[Any]:
+    """Every chunk of at most ``chunk_size`` examples of every batch, in order."""
+    for inputs in batches:
+        yield from split_batch(inputs, chunk_size)
+
+
+class _Rows:
+    """The cotangents of one VJP sweep over a section output ``(batch, pos_out, d_out)``: ``n_rows`` of
+    them, row r by :meth:`row` (``(pos_out, d_out)`` for every example alike, or ``(batch, pos_out,
+    d_out)``), laid out as ``layout`` (the shape the rows take in the result)."""
+
+    n_rows: int
+    layout: tuple[int, ...]
+
+    def row(self, r: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _FeatureRows(_Rows):
+    """One row per (output position t, output coordinate i): cotangent ``cot[:, i]`` at position t."""
+
+    def __init__(self, cot: torch.Tensor, out: torch.Tensor) -> None:
+        _, pos_out, d_out = out.shape
+        self.cot, self.k = cot, cot.shape[1]  # (d_out, k)
+        self.n_rows, self.layout = pos_out * self.k, (pos_out, self.k)
+        self.grad_out = torch.zeros(pos_out, d_out, dtype=out.dtype, device=out.device)
+
+    def row(self, r: int) -> torch.Tensor:
+        t, i = divmod(r, self.k)
+        self.grad_out.zero_()
+        self.grad_out[t] = self.cot[:, i]
+        return self.grad_out
+
+
+class _SourceRows(_Rows):
+    """One row per (stochastic source r, output coordinate i): Σ_t φ_{x,r,t} cot[:, i] / √R at every t."""
+
+    def __init__(self, cot: torch.Tensor, signs: torch.Tensor, out: torch.Tensor) -> None:
+        batch, pos_out, _ = out.shape
+        if signs.dim() != 3 or signs.shape[0] != batch or signs.shape[2] != pos_out:
+            raise ValueError(
+                f"signs of shape {tuple(signs.shape)} do not match (batch, n_sources, pos_out) = "
+                f"({batch}, n_sources, {pos_out})"
+            )
+        n_sources = signs.shape[1]
+        self.phi = signs.to(device=out.device, dtype=out.dtype) / math.sqrt(n_sources)  # (batch, R, pos_out)
+        self.cot, self.k = cot, cot.shape[1]
+        self.n_rows, self.layout = n_sources * self.k, (n_sources, self.k)
+
+    def row(self, r: int) -> torch.Tensor:
+        return self.phi[:, r // self.k, :, None] * self.cot[:, r % self.k]  # (batch, pos_out, d_out)
+
+
+class _GivenRows(_Rows):
+    """The given cotangents ``(n, pos_out, d_out)``, shared by every example."""
+
+    def __init__(self, cotangents: torch.Tensor, out: torch.Tensor) -> None:
+        self.cot = cotangents.to(device=out.device, dtype=out.dtype)
+        if self.cot.shape[1:] != out.shape[1:]:
+            raise ValueError(
+                f"cotangents of shape {tuple(self.cot.shape)} do not match the section's output {tuple(out.shape)}"
+            )
+        self.n_rows, self.layout = self.cot.shape[0], (self.cot.shape[0],)
+
+    def row(self, r: int) -> torch.Tensor:
+        return self.cot[r]
+
+
+def _jacobian_rows(out: torch.Tensor, out_basis: LayerBasis | None, signs: torch.Tensor | None) -> _Rows:
+    """The rows of J̄: output neurons, or the features of ``out_basis``; per position, or per source."""
+    if out_basis is None:
+        cot = torch.eye(out.shape[2], dtype=out.dtype, device=out.device)
+    else:
+        cot = out_basis.basis[: out.shape[2]].to(device=out.device, dtype=out.dtype)  # (d_out, k)
+    return _FeatureRows(cot, out) if signs is None else _SourceRows(cot, signs, out)
+
+
+def _point(model: nn.Module, layer_in: NodeLayer, inputs: Any, forward: Forward, point) -> torch.Tensor:
+    with torch.no_grad():
+        (acts,) = capture(model, [layer_in], inputs, forward)
+        if point is not None:
+            acts = point(acts)
+    if not torch.isfinite(acts.sum()):  # one reduction: a NaN or Inf anywhere makes the sum non-finite
+        raise ValueError(f"activations of node layer {layer_in.name!r} contain NaN or Inf")
+    return acts
+
+
+def _integrated_vjps(
+    model: nn.Module,
+    layer_in: NodeLayer,
+    layer_out: NodeLayer,
+    inputs: Any,
+    acts: torch.Tensor,
+    rule: IntegrationRule,
+    forward: Forward,
+    make_rows: Callable[[torch.Tensor], _Rows],
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Σ_q ω_q wᵣᵀ ∂f^{l+1}/∂f^l at α_q·acts for every cotangent wᵣ: ``(batch, pos_in, n_rows, d_in)``,
+    and the rows' layout.
+
+    ``make_rows(out)`` receives the section's output ``(batch, pos_out, d_out)`` and returns its
+    :class:`_Rows`. One VJP of the batch sum per row (the model must treat examples independently).
+    """
+    batch, pos_in, d_in = acts.shape
+    rows, plan = None, None
+    for q, (alpha, weight) in enumerate(zip(rule.alphas.tolist(), rule.weights.tolist())):
+        leaf = (alpha * acts).detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = run_section(model, layer_in, layer_out, inputs, lambda _: leaf, forward)
+        plan = make_rows(out)
+        n_rows = plan.n_rows
+        if rows is None:
+            rows = torch.empty(batch, pos_in, n_rows, d_in, dtype=acts.dtype, device=acts.device)
+        for r in range(n_rows):
+            (grad,) = torch.autograd.grad(
+                out, leaf, plan.row(r).expand(out.shape), retain_graph=r + 1 < n_rows, allow_unused=True
+            )
+            row = rows[:, :, r]  # (batch, pos_in, d_in)
+            if grad is None:  # the section does not depend on its input along this row
+                if q == 0:
+                    row.zero_()
+            elif q == 0:
+                row.copy_(grad)
+                if weight != 1.0:
+                    row.mul_(weight)
+            else:
+                row.add_(grad, alpha=weight)
+        del out, leaf
+    return rows, plan.layout
+
+
+def integrated_jacobian(
+    model: nn.Module,
+    layer_in: NodeLayer,
+    layer_out: NodeLayer,
+    inputs: Any,
+    rule: IntegrationRule,
+    forward: Forward,
+    point: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    out_basis: LayerBasis | None = None,
+    signs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The activation of ``layer_in`` and J̄ of the section, for one chunk.
+
+    ``point`` maps the captured activation to the point where the Jacobian is evaluated (for example
+    the reconstruction f C C⁺); by default the activation itself. The returned ``acts`` is that point.
+
+    ``out_basis`` gives the output coordinates: with it, each VJP's cotangent is one of its feature
+    columns (C^{l+1} without the constant row) at one output position, so the rows come out as
+    ĝ = J̄ C^{l+1} directly: one VJP per kept feature instead of one per neuron, and no projection
+    afterwards. Without it, the rows are the output neurons.
+
+    ``signs`` ``(batch, n_sources, pos_out)`` of ±1 replaces the output positions by stochastic sources
+    (spec §3): row (r, i) is Σ_t φ_{x,r,t} J̄_{t,i} / √R. Every quantity quadratic in the rows (M′, the
+    squared edges) then sums over r to an unbiased estimate of its sum over t, exact when pos_out = 1,
+    with R VJPs per feature instead of pos_out.
+
+    Returns:
+        acts ``(batch, pos_in, d_in)`` and jac ``(batch, pos_in, pos_out, k, d_in)`` (``pos_out`` becomes
+        ``n_sources`` with ``signs``), ``k`` = ``d_out`` or ``out_basis.d_lib`` (for each input position,
+        the rows and input coordinates are a matrix, so that the contractions with the input basis are
+        plain matrix products).
+
+    Raises:
+        ValueError: if the activation or the Jacobian contains NaN or Inf, or ``signs`` do not match.
+    """
+    acts = _point(model, layer_in, inputs, forward, point)
+    make_rows = functools.partial(_jacobian_rows, out_basis=out_basis, signs=signs)
+    jac, layout = _integrated_vjps(model, layer_in, layer_out, inputs, acts, rule, forward, make_rows)
+    if not torch.isfinite(jac.sum()):
+        raise ValueError(f"the Jacobian of section {layer_in.name!r} -> {layer_out.name!r} contains NaN or Inf")
+    batch, pos_in, d_in = acts.shape
+    return acts, jac.view(batch, pos_in, *layout, d_in)
+
+
+def integrated_vjp(
+    model: nn.Module,
+    layer_in: NodeLayer,
+    layer_out: NodeLayer,
+    inputs: Any,
+    rule: IntegrationRule,
+    forward: Forward,
+    cotangents: torch.Tensor,
+    point: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Integrated VJPs Σ_q ω_q wᵣᵀ J(α_q f) for a few cotangents ``(n, pos_out, d_out)`` shared by all examples.
+
+    Returns ``(batch, pos_in, n, d_in)``: n rows of J̄ in the directions wᵣ, at the same point and with the
+    same rule as :func:`integrated_jacobian` (used to probe whether two points have the same Jacobian).
+    """
+    acts = _point(model, layer_in, inputs, forward, point)
+    make_rows = functools.partial(_GivenRows, cotangents)
+    return _integrated_vjps(model, layer_in, layer_out, inputs, acts, rule, forward, make_rows)[0]
+
+
+def project(jac: torch.Tensor, basis_out: LayerBasis) -> torch.Tensor:
+    """Output rows in neurons -> in the features of ``basis_out``: ĝ = J̄ C^{l+1},
+    ``(batch, pos_in, pos_out, k, d_in)``.
+
+    The constant row of C^{l+1} is left out: the constant is not an output of the section.
+    """
+    d_out = jac.shape[3]
+    c_out = basis_out.basis[:d_out].to(jac.dtype)  # (d_out, k)
+    return torch.matmul(c_out.T, jac)
+
+
+def m_prime_update(g: torch.Tensor) -> torch.Tensor:
+    """Partial sum of M′ for a chunk: Σ_x Σ_s Σ_{t,i} ĝ_{s,t,i}ᵀ ĝ_{s,t,i}, with ĝ
+    ``(batch, pos_in, pos_out, k_out, d_in)``.
+
+    Returns ``(d_in + 1, d_in + 1)`` in float64; the constant coordinate's row and column are zero
+    (the constant is not an input of the section).
+    """
+    d_in = g.shape[-1]
+    rows = g.reshape(-1, d_in).to(torch.float64)
+    m = torch.zeros(d_in + 1, d_in + 1, dtype=torch.float64, device=g.device)
+    m[:d_in, :d_in] = rows.T @ rows
+    return m
+
+
+def edge_attributions(acts: torch.Tensor, g: torch.Tensor, basis_in: LayerBasis) -> torch.Tensor:
+    """Per-example attributions A ``(batch, pos_out, k_out, k_in)`` of the spec's squared edges (§4).
+
+    A_{t,i,j}(x) = Σ_s [∂ĥ_{t,i}/∂f̂_{s,j}] f̂_{s,j}(x) with ∂ĥ/∂f̂ = ĝ C⁺ᵀ and ĝ = J̄ C^{l+1} (see
+    :func:`project`); the α-sum is already inside J̄. One matrix product per input position over the
+    whole chunk. The constant coordinate carries no gradient, so only C⁺'s first d columns enter.
+    """
+    batch, pos_in, pos_out, k_out, d_in = g.shape
+    f_hat = basis_in.transform(acts.to(torch.float64))  # (batch, pos_in, k_in)
+    pinv_t = basis_in.basis_pinv[:, :d_in].T  # (d_in, k_in)
+    a = None
+    for s in range(pos_in):
+        part = torch.matmul(g[:, s].reshape(batch, pos_out * k_out, d_in).to(torch.float64), pinv_t)
+        part.mul_(f_hat[:, s, None, :])
+        a = part if a is None else a.add_(part)
+    return a.view(batch, pos_out, k_out, pinv_t.shape[1])  # k_in explicit: a layer may keep no feature
+
+
+def edges_update(acts: torch.Tensor, g: torch.Tensor, basis_in: LayerBasis) -> torch.Tensor:
+    """Partial sum Σ_x Σ_t A² ``(k_out, k_in)`` in float64 of the squared edges; divide by N·P_in for E."""
+    a = edge_attributions(acts, g, basis_in)
+    return a.square_().sum(dim=(0, 1))

@@ -1,0 +1,142 @@
+"""The build's first passes: the statistics of every node layer, and the bases known before any Jacobian.
+
+Two passes over the data: the means (the shift), then the Gram matrices as sums about them (no
+cancellation for large means, stats.py). The order and cut checks and the memory guard run on the
+first batch of the second pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lib_lightning.core.lib.basis import LayerBasis, Whitening, identity_basis, neuron_basis, pca_basis
+from lib_lightning.core.lib.capture import Forward, NodeLayer, capture, select_examples
+from lib_lightning.core.lib.checks import Context, check_sections
+from lib_lightning.core.lib.memory import check_memory, estimate_memory
+from lib_lightning.core.lib.modes import prepare_inputs
+from lib_lightning.core.lib.stats import ActivationStats, mean_update, shift_of, stats_update
+
+__all__ = ["CHECK_EXAMPLES", "LayerStatistics", "statistics_pass", "initial_bases"]
+
+CHECK_EXAMPLES = 16  # examples of the first batch on which the order and cut checks run
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class LayerStatistics:
+    """Reduced statistics of every node layer, the number of examples and each layer's positions."""
+
+    stats: list[ActivationStats]
+    n_examples: int
+    positions: list[int]
+
+
+def _mean_sums(
+    model: nn.Module, node_layers: list[NodeLayer], batches: Iterable[Any], dtype: torch.dtype | None, forward: Forward
+) -> list[torch.Tensor]:
+    """Per node layer, the partial (Σ f, N P) of this process's batches: the shift of the statistics."""
+    sums: list[torch.Tensor] | None = None
+    for b, inputs in enumerate(batches):
+        with torch.no_grad():
+            acts = capture(model, node_layers, prepare_inputs(inputs, dtype), forward)
+        for layer, a in zip(node_layers, acts):
+            if not torch.isfinite(a).all():
+                raise ValueError(f"activations of node layer {layer.name!r} contain NaN or Inf (batch {b})")
+        parts = [mean_update(a) for a in acts]
+        sums = parts if sums is None else [s + p for s, p in zip(sums, parts)]
+    if sums is None:
+        raise ValueError("the analysis dataset is empty: no batch was given")
+    return sums
+
+
+def _guard_memory(names, acts, n_batches, memory_budget_bytes, **sizes) -> None:
+    """Refuses (``MemoryBudgetError``) a build whose estimate from the first batch's shapes is too big."""
+    if memory_budget_bytes is None:
+        return
+    estimate = estimate_memory(
+        names, [tuple(a.shape) for a in acts], itemsize=acts[0].element_size(),
+        n_examples=acts[0].shape[0] * n_batches or None, **sizes,
+    )  # fmt: skip
+    check_memory(estimate, memory_budget_bytes)
+
+
+def statistics_pass(
+    model: nn.Module,
+    node_layers: list[NodeLayer],
+    batches: Iterable[Any],
+    *,
+    dtype: torch.dtype | None,
+    forward: Forward,
+    reduce: Reduce,
+    report: Progress,
+    check_cuts: bool,
+    context_inputs: Context,
+    memory_budget_bytes: int | None,
+    memory_sizes: dict[str, Any],
+) -> LayerStatistics:
+    """The reduced statistics of every node layer (two passes: means, then Gram matrices about them).
+
+    ``memory_sizes``: the keyword arguments of :func:`~lib_lightning.core.lib.memory.estimate_memory`
+    that do not come from the first batch (chunk size, cache, sources, whether LIB is built).
+    """
+    shifts = [shift_of(reduce(part)) for part in _mean_sums(model, node_layers, batches, dtype, forward)]
+    names = [layer.name for layer in node_layers]
+    n_batches = len(batches) if hasattr(batches, "__len__") else 0
+    stats: list[ActivationStats | None] = [None] * len(node_layers)
+    n_examples, positions = 0, []
+    for b, inputs in enumerate(batches):
+        inputs = prepare_inputs(inputs, dtype)
+        if b == 0 and check_cuts:  # on a few examples: the checks compare single examples
+            few = select_examples(inputs, slice(0, CHECK_EXAMPLES))
+            check_sections(model, node_layers, few, forward, context_inputs)
+        with torch.no_grad():
+            acts = capture(model, node_layers, inputs, forward)
+        if b == 0:
+            _guard_memory(names, acts, n_batches, memory_budget_bytes, **memory_sizes)
+        for i, a in enumerate(acts):
+            part = stats_update(a, shifts[i])
+            stats[i] = part if stats[i] is None else stats[i] + part
+        n_examples += acts[0].shape[0]
+        positions = [a.shape[1] for a in acts]
+        report("statistics", b + 1, n_batches)
+    stats = [s.reduce(reduce) for s in stats]
+    device = stats[0].count.device
+    n_examples = int(reduce(torch.tensor(float(n_examples), dtype=torch.float64, device=device)).item())
+    return LayerStatistics(stats, n_examples, positions)
+
+
+def initial_bases(
+    kinds: Sequence[str],
+    names: list[str],
+    stats: list[ActivationStats],
+    whitenings: list[Whitening],
+    rotate_final: bool,
+) -> dict[str, list[LayerBasis | None]]:
+    """Per kind, the bases known before any Jacobian: the final layer's (its PCA basis with
+    ``rotate_final``, else the identity; always the identity for neurons), and every PCA and neuron basis.
+    The LIB bases of the other layers stay ``None`` until their section's Jacobian pass."""
+    last = len(names) - 1
+    final = (
+        pca_basis(names[last], whitenings[last])
+        if rotate_final
+        else identity_basis(names[last], stats[last], whitenings[last].all_eigenvalues)
+    )
+    bases: dict[str, list[LayerBasis | None]] = {}
+    for kind in kinds:
+        bases[kind] = [None] * len(names)
+        if kind == "neuron":
+            bases[kind][last] = identity_basis(names[last], stats[last], whitenings[last].all_eigenvalues)
+        else:
+            bases[kind][last] = final
+        for i in range(last):
+            if kind == "pca":
+                bases[kind][i] = pca_basis(names[i], whitenings[i])
+            elif kind == "neuron":
+                bases[kind][i] = neuron_basis(names[i], stats[i])
+    return bases
