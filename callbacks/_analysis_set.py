@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lib_lightning.core.lib import batch as nested
+from lib_lightning.core.lib import check_build
 from lib_lightning.core.lib.capture import capture
 from lib_lightning.runtime import oversize_message
 
@@ -143,14 +144,17 @@ class AnalysisSet:
     def _prepare(self, trainer: L.Trainer, pl_module: L.LightningModule, reduce) -> tuple[list, torch.Tensor, bool]:
         """This rank's batches, their global indices, and whether every rank's activations are finite.
 
-        Whatever fails here on one rank (an empty loader, a shard too small, a forward that raises) is
-        made known to every rank by the first collective, so that all of them raise and none waits.
+        Whatever fails here on one rank (an empty loader, a shard too small, a forward that raises, a
+        node layer pair that is not a cut on this rank's examples, the memory guard) is made known to
+        every rank by the first collective, so that all of them raise and none waits.
         """
         error, batches, index, finite = None, [], torch.zeros(0, dtype=torch.long), True
         try:
             inputs = self.analysis_inputs(trainer, pl_module)
             batches, index = self._shard(trainer, inputs, pl_module.device)
             finite = self._finite(pl_module, batches)
+            if finite:  # the build's own checks, before its first collective (it then skips them)
+                check_build(pl_module, self.layers, batches, forward=self.forward, **self.build_kwargs)
         except Exception as err:
             if trainer.world_size == 1:
                 raise

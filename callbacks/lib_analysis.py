@@ -263,7 +263,7 @@ class LIBAnalysis(AnalysisSet, AnalysisLogging, Callback):
         phases = PhaseTimes()
         graphs = build_graphs(
             pl_module, self.layers, batches, forward=self.forward, reduce=reduce, progress=phases,
-            **self.build_kwargs,
+            **{**self.build_kwargs, "check_cuts": False, "memory_budget_bytes": None},  # checked in _prepare
         )
         built = time.perf_counter()
         summary = summarise(graphs, self.options, self.snapshot, strict=False)  # a metric never aborts training

@@ -8,7 +8,7 @@ paths (``lib_lightning.core.capture`` ...) still import, as the modules at their
 """
 
 from lib_lightning.core import _moved
-from lib_lightning.core.lib import build_graphs
+from lib_lightning.core.lib import build_graphs, check_build
 from lib_lightning.core.lib.basis import LayerBasis
 from lib_lightning.core.lib.checks import CutError, IndependenceError
 from lib_lightning.core.lib.graph import InteractionGraph, load_graphs, save_graphs
@@ -28,6 +28,7 @@ __all__ = [
     "NodeLayer",
     "SummaryOptions",
     "build_graphs",
+    "check_build",
     "load_graphs",
     "save_graphs",
     "summarise",

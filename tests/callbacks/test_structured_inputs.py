@@ -279,3 +279,26 @@ def test_the_ablation_callback_takes_batch_encodings(tmp_path):
     metrics = cb.history[-1]["metrics"]
     assert {"ablation/mlp.1/lib_features_required", "ablation/mlp.1->mlp.3/pca_edges_required"} <= set(metrics)
     assert 0 < metrics["ablation/baseline_acc"] <= 1
+
+
+def test_a_cut_check_failing_on_one_rank_is_raised_on_every_rank_before_the_build():
+    """The build's checks run in _prepare, before its first collective: a failing rank joins the flag
+    collective and raises its CutError; the build then skips them (no rank left waiting in a reduce)."""
+    model = BatchNormNet().eval()
+    cb = LIBAnalysis(["net.0", "net.4[in]", "net.6"], every_n_steps=2, size=4, batch_size=2)
+    cb._inputs = torch.randn(4, 5)
+    trainer = SimpleNamespace(world_size=2, global_rank=0)
+    joined = []
+    seen = {}  # on this rank, the model input reaches net.4 around net.0: a bypass
+    hooks = [model.register_forward_pre_hook(lambda m, args: seen.update(x=args[0])),
+             model.net[3].register_forward_hook(lambda m, args, out: out + seen["x"][:, :1])]
+    try:
+        with pytest.raises(CutError, match=r"'net.0' -> 'net.4\[in\]' are not a cut"):
+            cb._prepare(trainer, model, lambda t: joined.append(t) or t)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert joined and joined[0].tolist() == [1.0, 0.0]
+    other_failed = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="failed on another process before its first collective"):
+        cb._prepare(trainer, model, lambda t: t + other_failed)  # this rank's checks pass; the other's did not

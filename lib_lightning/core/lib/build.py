@@ -29,11 +29,11 @@ from lib_lightning.core.lib.graph import InteractionGraph
 from lib_lightning.core.lib.integration import integration_rule
 from lib_lightning.core.lib.memory import MEMORY_BUDGET
 from lib_lightning.core.lib.modes import analysis_mode
-from lib_lightning.core.lib.passes import initial_bases, statistics_pass
+from lib_lightning.core.lib.passes import initial_bases, preflight, statistics_pass
 from lib_lightning.core.lib.section import Section, edges_pass, jacobian_pass
 from lib_lightning.core.validation import check_at_least, check_choice, check_choices
 
-__all__ = ["build_graphs", "KINDS", "default_reuse_rtol"]
+__all__ = ["build_graphs", "check_build", "KINDS", "default_reuse_rtol"]
 
 KINDS = ("lib", "pca", "neuron")
 EDGE_POINTS = ("activation", "reconstruction")
@@ -60,6 +60,48 @@ def default_reuse_rtol(dtype: torch.dtype) -> float:
     (~ d ε for d of a few hundred). A fixed 1e-10 is below float32's ε: every chunk was recomputed.
     """
     return max(1e-10, 1e3 * torch.finfo(dtype).eps)
+
+
+def check_build(
+    model: nn.Module,
+    layers: Sequence[str | NodeLayer],
+    batches: Iterable[Any],
+    *,
+    kinds: Sequence[str] = ("lib", "pca"),
+    forward: Forward = default_forward,
+    position_sources: int | None = None,
+    chunk_size: int = 256,
+    cache_bytes: int = 2 << 30,
+    dtype: torch.dtype | None = torch.float64,
+    check_cuts: bool = True,
+    context_inputs: Context = None,
+    memory_budget_bytes: int | None = MEMORY_BUDGET,
+    **build_options: Any,
+) -> None:
+    """What :func:`build_graphs` checks before its first pass, alone: the node layers' order, independence
+    and cuts on the first batch's first examples, and the memory guard. It reduces nothing, so under DDP
+    a caller can run it on every rank and share a failure before the build's first collective (then
+    build with ``check_cuts=False, memory_budget_bytes=None``). Takes :func:`build_graphs`' arguments
+    (the others, ``build_options``, are ignored).
+
+    Raises:
+        ValueError, KeyError, TypeError, CutError, IndependenceError, MemoryBudgetError: as build_graphs.
+    """
+    node_layers = [NodeLayer.parse(layer) for layer in layers]
+    if len(node_layers) < 2:
+        raise ValueError(f"need at least 2 node layers, got {len(node_layers)}")
+    batches = _validate(kinds, chunk_size, cache_bytes, build_options.get("edge_point", "activation"),
+                        position_sources, batches)
+    first = next(iter(batches), None)
+    if first is None:
+        raise ValueError("the analysis dataset is empty: no batch was given")
+    sizes = dict(chunk_size=chunk_size, cache_bytes=cache_bytes, position_sources=position_sources, lib="lib" in kinds)
+    with torch.inference_mode(False), analysis_mode(model, dtype):
+        preflight(
+            model, node_layers, first, n_batches=len(batches) if hasattr(batches, "__len__") else 0, dtype=dtype,
+            forward=forward, check_cuts=check_cuts, context_inputs=context_inputs,
+            memory_budget_bytes=memory_budget_bytes, memory_sizes=sizes,
+        )  # fmt: skip
 
 
 def build_graphs(
@@ -155,15 +197,13 @@ def build_graphs(
     reduce = reduce or (lambda t: t)
     report = progress or (lambda phase, done, total: None)
     names = [layer.name for layer in node_layers]
+    check_build(
+        model, node_layers, batches, kinds=kinds, forward=forward, position_sources=position_sources,
+        chunk_size=chunk_size, cache_bytes=cache_bytes, dtype=dtype, check_cuts=check_cuts,
+        context_inputs=context_inputs, memory_budget_bytes=memory_budget_bytes,
+    )  # before any pass and any reduce: a failure costs one forward of a few examples
     with torch.inference_mode(False), analysis_mode(model, dtype):
-        sizes = dict(
-            chunk_size=chunk_size, cache_bytes=cache_bytes, position_sources=position_sources, lib="lib" in kinds
-        )
-        measured = statistics_pass(
-            model, node_layers, batches, dtype=dtype, forward=forward, reduce=reduce, report=report,
-            check_cuts=check_cuts, context_inputs=context_inputs, memory_budget_bytes=memory_budget_bytes,
-            memory_sizes=sizes,
-        )  # fmt: skip
+        measured = statistics_pass(model, node_layers, batches, dtype=dtype, forward=forward, reduce=reduce, report=report)
         stats = measured.stats
         whitenings = [whiten(s, center, abs_threshold, rel_threshold, name) for s, name in zip(stats, names)]
         bases = initial_bases(kinds, names, stats, whitenings, rotate_final)

@@ -1,8 +1,9 @@
 """The build's first passes: the statistics of every node layer, and the bases known before any Jacobian.
 
-Two passes over the data: the means (the shift), then the Gram matrices as sums about them (no
-cancellation for large means, stats.py). The order and cut checks and the memory guard run on the
-first batch of the second pass.
+Before any pass, :func:`preflight` runs the order, independence and cut checks and the memory guard on
+the first batch alone: it reduces nothing, so a caller running several processes can run it first and
+share its failure before any collective. Then two passes over the data: the means (the shift), then the
+Gram matrices as sums about them (no cancellation for large means, stats.py).
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import torch
 from torch import nn
 
 from lib_lightning.core.lib.basis import LayerBasis, Whitening, identity_basis, neuron_basis, pca_basis
+from lib_lightning.core.lib.batch import batch_size
 from lib_lightning.core.lib.capture import Forward, NodeLayer, capture, select_examples
 from lib_lightning.core.lib.checks import Context, check_sections
 from lib_lightning.core.lib.memory import check_memory, estimate_memory
 from lib_lightning.core.lib.modes import prepare_inputs
 from lib_lightning.core.lib.stats import ActivationStats, mean_update, shift_of, stats_update
 
-__all__ = ["CHECK_EXAMPLES", "LayerStatistics", "statistics_pass", "initial_bases"]
+__all__ = ["CHECK_EXAMPLES", "LayerStatistics", "preflight", "statistics_pass", "initial_bases"]
 
 CHECK_EXAMPLES = 16  # examples of the first batch on which the order and cut checks run
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -55,13 +57,41 @@ def _mean_sums(
     return sums
 
 
-def _guard_memory(names, acts, n_batches, memory_budget_bytes, **sizes) -> None:
-    """Refuses (``MemoryBudgetError``) a build whose estimate from the first batch's shapes is too big."""
+def preflight(
+    model: nn.Module,
+    node_layers: list[NodeLayer],
+    first: Any,
+    *,
+    n_batches: int,
+    dtype: torch.dtype | None,
+    forward: Forward,
+    check_cuts: bool,
+    context_inputs: Context,
+    memory_budget_bytes: int | None,
+    memory_sizes: dict[str, Any],
+) -> None:
+    """The checks of the first batch ``first``, on its first :data:`CHECK_EXAMPLES` examples: order,
+    independence and cuts (``check_cuts``), and the memory guard (``MemoryBudgetError``) from the shapes
+    of its activations, the batch size being ``first``'s. Runs the model on those few examples only and
+    reduces nothing; call it inside :func:`~lib_lightning.core.lib.modes.analysis_mode`.
+
+    ``memory_sizes``: the keyword arguments of :func:`~lib_lightning.core.lib.memory.estimate_memory`
+    that do not come from the first batch (chunk size, cache, sources, whether LIB is built).
+    """
+    if not check_cuts and memory_budget_bytes is None:
+        return
+    inputs = prepare_inputs(first, dtype)
+    few = select_examples(inputs, slice(0, CHECK_EXAMPLES))
+    if check_cuts:
+        check_sections(model, node_layers, few, forward, context_inputs)
     if memory_budget_bytes is None:
         return
+    with torch.no_grad():
+        acts = capture(model, node_layers, few, forward)
+    batch = batch_size(inputs)
     estimate = estimate_memory(
-        names, [tuple(a.shape) for a in acts], itemsize=acts[0].element_size(),
-        n_examples=acts[0].shape[0] * n_batches or None, **sizes,
+        [layer.name for layer in node_layers], [(batch, *a.shape[1:]) for a in acts], itemsize=acts[0].element_size(),
+        n_examples=batch * n_batches or None, **memory_sizes,
     )  # fmt: skip
     check_memory(estimate, memory_budget_bytes)
 
@@ -75,30 +105,15 @@ def statistics_pass(
     forward: Forward,
     reduce: Reduce,
     report: Progress,
-    check_cuts: bool,
-    context_inputs: Context,
-    memory_budget_bytes: int | None,
-    memory_sizes: dict[str, Any],
 ) -> LayerStatistics:
-    """The reduced statistics of every node layer (two passes: means, then Gram matrices about them).
-
-    ``memory_sizes``: the keyword arguments of :func:`~lib_lightning.core.lib.memory.estimate_memory`
-    that do not come from the first batch (chunk size, cache, sources, whether LIB is built).
-    """
+    """The reduced statistics of every node layer (two passes: means, then Gram matrices about them)."""
     shifts = [shift_of(reduce(part)) for part in _mean_sums(model, node_layers, batches, dtype, forward)]
-    names = [layer.name for layer in node_layers]
     n_batches = len(batches) if hasattr(batches, "__len__") else 0
     stats: list[ActivationStats | None] = [None] * len(node_layers)
     n_examples, positions = 0, []
     for b, inputs in enumerate(batches):
-        inputs = prepare_inputs(inputs, dtype)
-        if b == 0 and check_cuts:  # on a few examples: the checks compare single examples
-            few = select_examples(inputs, slice(0, CHECK_EXAMPLES))
-            check_sections(model, node_layers, few, forward, context_inputs)
         with torch.no_grad():
-            acts = capture(model, node_layers, inputs, forward)
-        if b == 0:
-            _guard_memory(names, acts, n_batches, memory_budget_bytes, **memory_sizes)
+            acts = capture(model, node_layers, prepare_inputs(inputs, dtype), forward)
         for i, a in enumerate(acts):
             part = stats_update(a, shifts[i])
             stats[i] = part if stats[i] is None else stats[i] + part

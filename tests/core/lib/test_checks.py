@@ -172,3 +172,26 @@ def test_a_node_layer_that_is_not_batch_first_is_named():
     x = torch.randn(6, 7, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"node layer 'rnn\[out:1.0\]' has 1 rows in dim 0 but the inputs hold 6 examples .*h_n"):
         build_graphs(LastState(), ["embed", "rnn[out:1.0]"], [x])
+
+
+def test_checks_and_memory_guard_run_before_any_pass_or_reduce():
+    """A refused build reduces nothing: under DDP a rank that fails its checks must not have joined a
+    collective the others wait in (the means pass reduces first); check_build runs the same checks alone."""
+    from lib_lightning.core.lib import check_build
+    from tests.core.models import Residual
+
+    reduced = []
+
+    def reduce(t):
+        reduced.append(t)
+        return t
+
+    x = torch.randn(32, 5, dtype=torch.float64)
+    with pytest.raises(CutError, match=r"'hidden' -> 'out' are not a cut"):
+        build_graphs(Residual(), ["hidden", "out"], [x[:16], x[16:]], reduce=reduce)
+    with pytest.raises(MemoryBudgetError):
+        build_graphs(MLP(), ["h0", "h1"], [mlp_inputs(64)], reduce=reduce, memory_budget_bytes=1)
+    assert reduced == []
+    with pytest.raises(CutError, match=r"'hidden' -> 'out' are not a cut"):
+        check_build(Residual(), ["hidden", "out"], [x], edge_point="activation", seed=3)  # other options ignored
+    check_build(Residual(), ["inp", "out"], [x])  # a cut: nothing raised
