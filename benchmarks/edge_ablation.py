@@ -24,17 +24,11 @@ LAYERS = ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_logits"]
 
 
 def _model_and_data(n_graph: int, n_data: int, ckpt: str | None):
-    from lib_lightning.data.modadd import modular_addition_pairs
-    from lib_lightning.models.transformer import ModAddTransformer
+    """The model of ``lib_build.py`` (seeded, or the checkpoint's) and two disjoint sets of its pairs."""
+    from lib_build import _model_and_data as model_and_tokens  # this folder is on sys.path as the script's
 
-    torch.manual_seed(0)
-    model = ModAddTransformer()
-    if ckpt:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-    tokens, _ = modular_addition_pairs(113)
-    perm = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(0))
-    return model, tokens[perm[:n_graph]], tokens[perm[n_graph:n_graph + n_data]]
+    model, tokens = model_and_tokens(n_graph + n_data, ckpt)
+    return model, tokens[:n_graph], tokens[n_graph:]
 
 
 def _timed(fn):

@@ -151,7 +151,7 @@ def _stacking_holds(model, forward, layer_in, layer_out, basis_in, basis_out, in
     single = torch.cat([_section_features(*args, masks[i:i + 1]) for i in range(masks.shape[0])])
     try:
         stacked = _section_features(*args, masks)
-    except (RuntimeError, ValueError, IndexError):
+    except (RuntimeError, ValueError, IndexError, TypeError):
         return False
     scale = single.abs().max().clamp_min(torch.finfo(single.dtype).tiny)
     return stacked.shape == single.shape and bool(((stacked - single).abs().max() <= rtol * scale).item())

@@ -199,14 +199,19 @@ def test_edge_ablation_all_edges_kept_is_exact_and_bisection_is_tight(mlp):
             assert r.cutoff == pytest.approx(float(weakest))
 
 
-def test_edge_ablation_multi_position_section_all_kept():
+def _tiny_transformer(label_seed: int):
+    """TinyTransformer, its graphs on 200 token rows (node layers with 4 positions, then 1), 60 held out."""
     model = TinyTransformer()
     gen = torch.Generator().manual_seed(0)
     tokens, val = torch.randint(0, 7, (200, 4), generator=gen), torch.randint(0, 7, (60, 4), generator=gen)
     graphs = build_graphs(model, ["resid_pre", "resid_mid", "logits"], [tokens])
     with torch.no_grad():
-        labels = _noisy_labels(model(val), seed=1)
-    data = [(val, labels)]
+        labels = _noisy_labels(model(val), seed=label_seed)
+    return model, graphs, [(val, labels)]
+
+
+def test_edge_ablation_multi_position_section_all_kept():
+    model, graphs, data = _tiny_transformer(label_seed=1)
     base = evaluate(model, data)
     for kind, g in graphs.items():
         n = g.edges[0].shape[0] * (g.edges[0].shape[1] - 1)
@@ -270,17 +275,13 @@ def test_edge_ablation_stacked_masks_match_one_forward_per_mask_with_fewer_forwa
 
 
 def test_edge_ablation_stacked_masks_multi_position_transformer():
-    model = TinyTransformer()
-    gen = torch.Generator().manual_seed(0)
-    tokens, val = torch.randint(0, 7, (200, 4), generator=gen), torch.randint(0, 7, (60, 4), generator=gen)
-    graphs = build_graphs(model, ["resid_pre", "resid_mid", "logits"], [tokens])
-    with torch.no_grad():
-        data = [(val, _noisy_labels(model(val), seed=2))]
+    model, graphs, data = _tiny_transformer(label_seed=2)
     for g in graphs.values():
         for sec in range(2):
             n = g.edges[sec].shape[0] * (g.edges[sec].shape[1] - 1)
             ks = [n // 7, n // 3, n // 2]
-            _assert_same_result(edge_ablation(model, g, sec, data, ks=ks, max_rows=1), edge_ablation(model, g, sec, data, ks=ks))
+            old = edge_ablation(model, g, sec, data, ks=ks, max_rows=1)
+            _assert_same_result(old, edge_ablation(model, g, sec, data, ks=ks))
 
 
 def test_edge_ablation_falls_back_when_the_section_reads_earlier_batch_tensors():
