@@ -16,9 +16,10 @@ from torch import nn
 
 from lib_lightning.core.interpret.ablation import Data, Evaluation, check_data, evaluate, substitute
 from lib_lightning.core.lib.basis import LayerBasis
-from lib_lightning.core.lib.capture import Forward, NodeLayer, capture, default_forward, run_section
+from lib_lightning.core.lib.capture import Forward, NodeLayer, capture, default_forward, resolve_modules, run_section
 from lib_lightning.core.lib.graph import InteractionGraph
 from lib_lightning.core.lib.modes import analysis_mode, prepare_inputs
+from lib_lightning.core.lib.nodes import register_hook
 
 __all__ = ["EdgeAblation", "edge_mask", "edge_ablation"]
 
@@ -90,21 +91,92 @@ def edge_mask(edges: torch.Tensor, k: int, skip_constant_input: bool = True) -> 
     return mask
 
 
-def _edge_run(model, forward, layer_in, layer_out, basis_in: LayerBasis, basis_out: LayerBasis, mask: torch.Tensor):
-    """inputs -> logits with the section's edges outside ``mask`` ablated."""
+class _Stop(BaseException):
+    """Ends a forward pass once the section's output is read (not an ``Exception``: models may catch those)."""
+
+
+def _stacked_section(model, forward, layer_in: NodeLayer, layer_out: NodeLayer, inputs, acts: torch.Tensor, c: int):
+    """``layer_out``'s activation ``(c * batch, pos_out, d_out)`` with ``layer_in``'s value of the batch
+    repeated c times and its activation replaced by ``acts`` ``(c * batch, pos_in, d_in)``: the model runs
+    once up to ``layer_in`` and on all c copies from there. Valid only where nothing downstream of
+    ``layer_in`` in the section reads a batch-sized tensor from before it (checked by ``_stacking_holds``)."""
+    module_in, module_out = resolve_modules(model, [layer_in, layer_out])
+    result: list[torch.Tensor] = []
+
+    def replace(value: torch.Tensor) -> torch.Tensor:
+        stacked = value.repeat(c, *[1] * (value.ndim - 1))
+        return layer_in.from_acts(stacked, acts.to(value.dtype)).clone()
+
+    def read(value: torch.Tensor) -> None:
+        result.append(layer_out.to_acts(value))
+        raise _Stop
+
+    handles = [register_hook(module_in, layer_in, replace), register_hook(module_out, layer_out, read)]
+    try:
+        forward(model, inputs)
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not result:
+        raise RuntimeError(f"node layer {layer_out.name!r} was not reached after {layer_in.name!r}")
+    return result[0]
+
+
+def _section_features(model, forward, layer_in, layer_out, basis_in, basis_out, inputs, feats_in, masks):
+    """``(c, batch, pos_out, k_out)``: the section's output features with the input features masked by
+    each of the ``(c, k_in)`` masks; c > 1 masks run as one stacked forward (``_stacked_section``)."""
+    c, (batch, pos_in, k_in) = masks.shape[0], feats_in.shape
+    masked = (feats_in.unsqueeze(0) * masks[:, None, None, :]).reshape(c * batch, pos_in, k_in)
+    acts = basis_in.reconstruct(masked)  # (c * batch, pos_in, d_in)
+    if c == 1:
+        out = run_section(model, layer_in, layer_out, inputs, lambda act: acts.to(act.dtype), forward)
+    else:
+        out = _stacked_section(model, forward, layer_in, layer_out, inputs, acts, c)
+    if out.shape[0] != c * batch:
+        raise RuntimeError(f"stacked section returned {out.shape[0]} rows, expected {c} x {batch}")
+    feats_out = basis_out.transform(out)  # (c * batch, pos_out, k_out)
+    return feats_out.reshape(c, batch, *feats_out.shape[1:])
+
+
+def _stacking_holds(model, forward, layer_in, layer_out, basis_in, basis_out, inputs, masks) -> bool:
+    """Whether the stacked forward of the ``(c, k_in)`` masks agrees with one forward per mask on ``inputs``
+    (to 1000 ulp of the model's dtype, relative to the largest feature); False also when the stacked
+    forward fails on this model."""
+    (act_in,) = capture(model, [layer_in], inputs, forward)
+    rtol = 1e3 * torch.finfo(act_in.dtype).eps
+    feats_in = basis_in.transform(act_in)
+    args = (model, forward, layer_in, layer_out, basis_in, basis_out, inputs, feats_in)
+    single = torch.cat([_section_features(*args, masks[i:i + 1]) for i in range(masks.shape[0])])
+    try:
+        stacked = _section_features(*args, masks)
+    except (RuntimeError, ValueError, IndexError, TypeError):
+        return False
+    scale = single.abs().max().clamp_min(torch.finfo(single.dtype).tiny)
+    return stacked.shape == single.shape and bool(((stacked - single).abs().max() <= rtol * scale).item())
+
+
+def _edge_run(model, forward, layer_in, layer_out, basis_in: LayerBasis, basis_out: LayerBasis, mask: torch.Tensor,
+              max_rows: int):
+    """inputs -> logits with the section's edges outside ``mask`` ablated; output features with the same
+    kept inputs share a mask, and up to ``max_rows // batch`` masks share one forward of the section."""
     groups, inverse = torch.unique(mask, dim=0, return_inverse=True)  # (g, k_in), (k_out,)
+    members = [torch.nonzero(inverse == g).squeeze(1) for g in range(groups.shape[0])]
 
     def run(inputs: Any) -> Any:
         (act_in,) = capture(model, [layer_in], inputs, forward)  # (batch, pos_in, d_in)
         feats_in = basis_in.transform(act_in)  # (batch, pos_in, k_in)
+        per_forward = max(1, max_rows // act_in.shape[0])
         feats_out = None
-        for g in range(groups.shape[0]):
-            rows = torch.nonzero(inverse == g).squeeze(1)
-            masked = basis_in.reconstruct(feats_in * groups[g]).to(act_in.dtype)  # (batch, pos_in, d_in)
-            out = basis_out.transform(run_section(model, layer_in, layer_out, inputs, lambda _: masked, forward))
+        for start in range(0, groups.shape[0], per_forward):
+            chunk = groups[start:start + per_forward]
+            out = _section_features(model, forward, layer_in, layer_out, basis_in, basis_out, inputs, feats_in, chunk)
             if feats_out is None:
-                feats_out = torch.zeros_like(out)  # (batch, pos_out, k_out)
-            feats_out[..., rows] = out[..., rows]
+                feats_out = torch.zeros_like(out[0])  # (batch, pos_out, k_out)
+            for j in range(chunk.shape[0]):
+                rows = members[start + j]
+                feats_out[..., rows] = out[j][..., rows]
         act_out = basis_out.reconstruct(feats_out)  # (batch, pos_out, d_out)
         return substitute(model, layer_out, lambda act: act_out.to(act.dtype), inputs, forward)
 
@@ -121,13 +193,17 @@ def edge_ablation(
     tolerance: float = 1e-3,
     ks: Sequence[int] = (),
     dtype: torch.dtype | None = torch.float64,
+    max_rows: int = 2048,
 ) -> EdgeAblation:
     """The fewest strongest edges of one section that keep accuracy within ``tolerance`` (LIB_SPEC.md §5).
 
     Edges are ranked by E; edges out of the constant node are always kept and not counted. With the k
     strongest kept, output feature i of node layer l+1 is read from the section run on
     (f̂ ⊙ m_i) C⁺, where m_i zeroes the input features whose edges to i are dropped; output features with
-    the same mask share one run. The assembled output features are mapped back through C^{l+1,+} and the
+    the same mask share one run. The runs of several masks are one forward of at most ``max_rows`` rows:
+    the model runs once up to node layer l, whose value is then repeated once per mask along the batch
+    dimension; a probe on the first batch checks that this agrees with one forward per mask, and falls
+    back to those otherwise. The assembled output features are mapped back through C^{l+1,+} and the
     rest of the model runs. The search evaluates k = 0, 1, 2, 4, ... until the accuracy reaches
     ``baseline - tolerance``, then bisects between the last two; it assumes accuracy grows with k.
 
@@ -139,9 +215,12 @@ def edge_ablation(
         tolerance: accuracy drop allowed, >= 0 (the reference: 0.001).
         ks: further numbers of edges to evaluate for the curve (clipped to the number of edges).
         dtype: precision of the evaluation.
+        max_rows: memory budget, examples x masks per forward of the section, >= 1; a batch larger than
+            it still runs (one mask per forward). 1 runs each distinct mask on its own (the path before
+            the stacking); results agree to float rounding (a stacked matmul may sum in another order).
 
     Raises:
-        ValueError: for a section out of range, a negative tolerance or empty data.
+        ValueError: for a section out of range, a negative tolerance, ``max_rows`` < 1 or empty data.
     """
     data = check_data(data)
     if not 0 <= section < len(graph.edges):
@@ -149,6 +228,8 @@ def edge_ablation(
         raise ValueError(f"section must be in [0, {last}] for node layers {graph.layer_names}, got {section}")
     if not tolerance >= 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    if not (isinstance(max_rows, int) and max_rows >= 1):
+        raise ValueError(f"max_rows must be an int >= 1 (examples x masks per forward), got {max_rows!r}")
     basis_in, basis_out = graph.layers[section], graph.layers[section + 1]
     edges = graph.edges[section]
     skip = basis_in.has_constant
@@ -159,11 +240,17 @@ def edge_ablation(
     with torch.no_grad(), analysis_mode(model, dtype):
         baseline = evaluate(lambda inputs: forward(model, inputs), data)
         target = baseline.accuracy - tolerance
+        probe = torch.stack([edge_mask(edges, n_edges, skip)[0], edge_mask(edges, 0, skip)[0]])  # all, constant
+        if max_rows > 1 and not _stacking_holds(
+            model, forward, layer_in, layer_out, basis_in, basis_out, data[0][0], probe
+        ):
+            max_rows = 1  # the model reads batch-sized tensors across the section: one forward per mask
 
         def at(k: int) -> Evaluation:
             if k not in results:
                 mask = edge_mask(edges, k, skip)
-                results[k] = evaluate(_edge_run(model, forward, layer_in, layer_out, basis_in, basis_out, mask), data)
+                run = _edge_run(model, forward, layer_in, layer_out, basis_in, basis_out, mask, max_rows)
+                results[k] = evaluate(run, data)
             return results[k]
 
         lo, hi = -1, 0  # at(lo) fails (-1: nothing evaluated yet), at(hi) is the candidate

@@ -199,14 +199,19 @@ def test_edge_ablation_all_edges_kept_is_exact_and_bisection_is_tight(mlp):
             assert r.cutoff == pytest.approx(float(weakest))
 
 
-def test_edge_ablation_multi_position_section_all_kept():
+def _tiny_transformer(label_seed: int):
+    """TinyTransformer, its graphs on 200 token rows (node layers with 4 positions, then 1), 60 held out."""
     model = TinyTransformer()
     gen = torch.Generator().manual_seed(0)
     tokens, val = torch.randint(0, 7, (200, 4), generator=gen), torch.randint(0, 7, (60, 4), generator=gen)
     graphs = build_graphs(model, ["resid_pre", "resid_mid", "logits"], [tokens])
     with torch.no_grad():
-        labels = _noisy_labels(model(val), seed=1)
-    data = [(val, labels)]
+        labels = _noisy_labels(model(val), seed=label_seed)
+    return model, graphs, [(val, labels)]
+
+
+def test_edge_ablation_multi_position_section_all_kept():
+    model, graphs, data = _tiny_transformer(label_seed=1)
     base = evaluate(model, data)
     for kind, g in graphs.items():
         n = g.edges[0].shape[0] * (g.edges[0].shape[1] - 1)
@@ -229,3 +234,71 @@ def test_smallest_passing_requires_the_criterion_to_keep_holding():
     ks = torch.tensor([0, 1, 2, 3, 4])
     assert smallest_passing(ks, torch.tensor([0.1, 0.95, 0.5, 0.96, 0.97]), 0.9) == 3
     assert smallest_passing(ks, torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5]), 0.9) is None
+
+
+class _GatedMLP(MLP):
+    """The MLP on ``{"x", "attention_mask"}`` inputs whose per-example mask (context) gates section
+    h0 -> h1: a batch-sized tensor from before h0 is read after it, so repeating h0's value per mask fails."""
+
+    def forward(self, inputs):
+        h0 = self.h0(self.a0(self.l0(self.inp(inputs["x"]))))
+        h1 = self.h1(self.a1(self.l1(h0)) * inputs["attention_mask"])
+        return self.out(self.l2(h1))
+
+
+def _counting(calls: list[int]):
+    def forward(model, inputs):
+        calls.append(1)
+        return model(inputs)
+
+    return forward
+
+
+def _assert_same_result(a, b):
+    assert (a.n_required, a.reached, a.cutoff) == (b.n_required, b.reached, b.cutoff)
+    assert torch.equal(a.ks, b.ks) and torch.equal(a.accuracy, b.accuracy)
+    assert torch.allclose(a.loss, b.loss, rtol=1e-12, atol=0)
+
+
+def test_edge_ablation_stacked_masks_match_one_forward_per_mask_with_fewer_forwards(mlp):
+    model, _, graphs, data = mlp
+    for kind in ("lib", "pca"):
+        g = graphs[kind]
+        for sec in range(3):
+            old_calls, new_calls = [], []
+            old = edge_ablation(model, g, sec, data, ks=[3, 11], max_rows=1, forward=_counting(old_calls))
+            new = edge_ablation(model, g, sec, data, ks=[3, 11], forward=_counting(new_calls))
+            _assert_same_result(old, new)
+            assert len(new_calls) < len(old_calls), (kind, sec, len(new_calls), len(old_calls))
+        # a budget below one batch's masks: several stacked forwards per evaluation, the same result
+        _assert_same_result(old, edge_ablation(model, g, 2, data, ks=[3, 11], max_rows=50))
+
+
+def test_edge_ablation_stacked_masks_multi_position_transformer():
+    model, graphs, data = _tiny_transformer(label_seed=2)
+    for g in graphs.values():
+        for sec in range(2):
+            n = g.edges[sec].shape[0] * (g.edges[sec].shape[1] - 1)
+            ks = [n // 7, n // 3, n // 2]
+            old = edge_ablation(model, g, sec, data, ks=ks, max_rows=1)
+            _assert_same_result(old, edge_ablation(model, g, sec, data, ks=ks))
+
+
+def test_edge_ablation_falls_back_when_the_section_reads_earlier_batch_tensors():
+    model = _GatedMLP(seed=3)
+
+    def gated(x):
+        return {"x": x, "attention_mask": (x[:, :1] > -0.5).to(x.dtype)}  # (batch, 1)
+
+    g = build_graphs(model, LAYERS, [gated(mlp_inputs(n=240))], kinds=("lib",))["lib"]
+    val = gated(mlp_inputs(n=64, seed=7))
+    with torch.no_grad():
+        data = [(val, _noisy_labels(model(val), seed=3))]
+    old = edge_ablation(model, g, 1, data, ks=[4, 9], max_rows=1)
+    _assert_same_result(old, edge_ablation(model, g, 1, data, ks=[4, 9]))
+
+
+def test_edge_ablation_bad_max_rows(mlp):
+    model, _, graphs, data = mlp
+    with pytest.raises(ValueError, match=r"max_rows must be an int >= 1 \(examples x masks per forward\), got 0"):
+        edge_ablation(model, graphs["lib"], 0, data, max_rows=0)
