@@ -92,16 +92,25 @@ def check_build(
         raise ValueError(f"need at least 2 node layers, got {len(node_layers)}")
     batches = _validate(kinds, chunk_size, cache_bytes, build_options.get("edge_point", "activation"),
                         position_sources, batches)
+    if not check_cuts and memory_budget_bytes is None:
+        return
+    with torch.inference_mode(False), analysis_mode(model, dtype):
+        _preflight(model, node_layers, batches, kinds, forward, position_sources, chunk_size, cache_bytes, dtype,
+                   check_cuts, context_inputs, memory_budget_bytes)
+
+
+def _preflight(model, node_layers, batches, kinds, forward, position_sources, chunk_size, cache_bytes, dtype,
+               check_cuts, context_inputs, memory_budget_bytes) -> None:
+    """:func:`~lib_lightning.core.lib.passes.preflight` on the first batch; the model already in analysis mode."""
     first = next(iter(batches), None)
     if first is None:
         raise ValueError("the analysis dataset is empty: no batch was given")
     sizes = dict(chunk_size=chunk_size, cache_bytes=cache_bytes, position_sources=position_sources, lib="lib" in kinds)
-    with torch.inference_mode(False), analysis_mode(model, dtype):
-        preflight(
-            model, node_layers, first, n_batches=len(batches) if hasattr(batches, "__len__") else 0, dtype=dtype,
-            forward=forward, check_cuts=check_cuts, context_inputs=context_inputs,
-            memory_budget_bytes=memory_budget_bytes, memory_sizes=sizes,
-        )  # fmt: skip
+    preflight(
+        model, node_layers, first, n_batches=len(batches) if hasattr(batches, "__len__") else 0, dtype=dtype,
+        forward=forward, check_cuts=check_cuts, context_inputs=context_inputs,
+        memory_budget_bytes=memory_budget_bytes, memory_sizes=sizes,
+    )  # fmt: skip
 
 
 def build_graphs(
@@ -197,12 +206,10 @@ def build_graphs(
     reduce = reduce or (lambda t: t)
     report = progress or (lambda phase, done, total: None)
     names = [layer.name for layer in node_layers]
-    check_build(
-        model, node_layers, batches, kinds=kinds, forward=forward, position_sources=position_sources,
-        chunk_size=chunk_size, cache_bytes=cache_bytes, dtype=dtype, check_cuts=check_cuts,
-        context_inputs=context_inputs, memory_budget_bytes=memory_budget_bytes,
-    )  # before any pass and any reduce: a failure costs one forward of a few examples
     with torch.inference_mode(False), analysis_mode(model, dtype):
+        # before any pass and any reduce: a failure costs one forward of a few examples
+        _preflight(model, node_layers, batches, kinds, forward, position_sources, chunk_size, cache_bytes, dtype,
+                   check_cuts, context_inputs, memory_budget_bytes)
         measured = statistics_pass(model, node_layers, batches, dtype=dtype, forward=forward, reduce=reduce, report=report)
         stats = measured.stats
         whitenings = [whiten(s, center, abs_threshold, rel_threshold, name) for s, name in zip(stats, names)]
