@@ -143,10 +143,9 @@ def _node_results(curves, names: list[str], graph, tolerance: float) -> dict[str
     return out
 
 
-def analyze(args: argparse.Namespace) -> dict[str, Any]:
-    """Runs every phase and writes the outputs; returns the content of ``metrics.json``."""
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+def _load(args: argparse.Namespace) -> dict[str, Any]:
+    """The run to analyse: task, datamodule and callback settings (trusted classes only, checked to
+    describe the same model), the analysis batches and the held-out evaluation data."""
     # No early makedirs: every output goes through atomic_write, which creates --out with its first file,
     # so a run that fails while loading leaves no empty folder behind.
     config, config_path = read_config(args.ckpt, args.config)
@@ -154,6 +153,79 @@ def analyze(args: argparse.Namespace) -> dict[str, Any]:
     if args.config is not None:  # the user named this config: its classes are theirs to trust
         trust = trust.with_config(config)
     source = f"config {config_path!r}" + ("" if args.config is not None else " (found beside the checkpoint)")
+    task, state = load_task(args.ckpt, config, trust, source)
+    dm = load_datamodule(config, state, task, trust, source)
+    check_same_model(task, dm, args.ckpt, source if config.get("data") else "the checkpoint's datamodule")
+    dm.prepare_data()  # fake data is written, missing data downloaded (or a message says where to put it)
+    cb = lib_settings(config, task, trust, source)
+    seed = cb.seed if args.seed is None else args.seed
+    size = None if args.size == "all" else (cb.size if args.size is None else args.size)
+    if size is not None and hasattr(dm, "analysis_inputs"):
+        inputs = dm.analysis_inputs(cb.split, size, seed)  # the very set the callback analysed
+    else:
+        inputs, _ = _split_tensors(dm, cb.split, cb.batch_inputs)
+        inputs = nested.select(inputs, _subset(nested.batch_size(inputs), size, seed))
+    n_inputs = nested.batch_size(inputs)
+    if size is not None and size > n_inputs:
+        warnings.warn(oversize_message(size, n_inputs, f"the {cb.split} split"), stacklevel=3)
+    val_x, val_y = _split_tensors(dm, "val", cb.batch_inputs)
+    index = _subset(len(val_y), args.eval_size, seed)
+    val_x, val_y = nested.select(val_x, index), val_y[index]
+    data = list(zip(nested.split(val_x, args.eval_batch_size), val_y.split(args.eval_batch_size)))
+    return dict(task=task, state=state, dm=dm, cb=cb, seed=seed, config_path=config_path, n_inputs=n_inputs,
+                batches=nested.split(inputs, cb.batch_size), data=data, eval_size=len(val_y))
+
+
+def _edge_ablations(task, cb, graphs, data, args, dtype, names: list[str], result: dict[str, Any], bar) -> dict:
+    """Edge ablation of every section of every graph kind (the longest phase: ``bar`` names the section);
+    adds its results to ``result``."""
+    edges: dict[str, list] = {}
+    for kind, g in graphs.items():
+        edges[kind] = []
+        for sec in range(len(g.edges)):
+            bar.set_postfix_str(f"{kind} section {sec}")
+            edges[kind].append(edge_ablation(task, g, sec, data, forward=cb.forward, tolerance=args.tolerance, dtype=dtype))
+    sections = [f"{a}->{b}" for a, b in zip(names[:-1], names[1:])]
+    result["edge_ablation"] = {
+        kind: {sec: {k: getattr(r, k) for k in _EDGE_FIELDS} for sec, r in zip(sections, rs)}
+        for kind, rs in edges.items()
+    }
+    result["edges_required"] = {
+        sec: {kind: rs[i].n_required for kind, rs in edges.items()} for i, sec in enumerate(sections)
+    }
+    return edges
+
+
+def _figures(args, graphs, summary, names: list[str], labels, nodes: dict, edges: dict, result: dict) -> None:
+    """Spectra, interaction graph, ablation curves and (with ``--run``) the training timeline, as PNGs."""
+    spectra = {name: {k: spectrum(g.layers[i]) for k, g in graphs.items()} for i, name in enumerate(names)
+               if graphs["lib"].layers[i].kind != "identity"} if "lib" in graphs else {}
+    if spectra:
+        _write_figure(os.path.join(args.out, "spectra.png"), plot_spectra(spectra, title="Λ (LIB) and variances (PCA)"))
+    if summary.graph is not None and summary.graph.number_of_edges():
+        named = (result.get("fourier") or {}).get("communities") or []
+        community_names = {
+            c["community"]: f"k = {c['frequency']}, purity {c['purity']:.2f} ({c['size']} features)" for c in named
+        }
+        title = "LIB interaction graph (communities: dominant Fourier frequency)" if community_names else ""
+        fig = plot_interaction_graph(summary.graph, summary.communities, labels=labels,
+                                     community_labels=community_names, title=title)
+        _write_figure(os.path.join(args.out, "graph.png"), fig)
+    if nodes:
+        _write_figure(os.path.join(args.out, "node_ablation.png"), plot_node_ablation(nodes, args.tolerance))
+    if edges:
+        _write_figure(os.path.join(args.out, "edge_ablation.png"), plot_edge_ablation(edges))
+    if args.run:
+        from lib_lightning.timeline import plot_timeline, read_scalars
+
+        title = os.path.basename(os.path.normpath(args.run))
+        _write_figure(os.path.join(args.out, "timeline.png"), plot_timeline(read_scalars(args.run), title=title))
+
+
+def analyze(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs every phase and writes the outputs; returns the content of ``metrics.json``."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     ablate = not args.no_ablation
     phases = ["load", "graphs", "summary", *(["node ablation", "edge ablation"] if ablate else []), "fourier", "figures"]
     bar = tqdm(total=len(phases), disable=args.no_progress, desc="analyze")
@@ -168,42 +240,25 @@ def analyze(args: argparse.Namespace) -> dict[str, Any]:
         bar.set_postfix_str(f"{phase} {timings[phase]:.0f}s")
 
     bar.set_description("analyze: load")
-    task, state = load_task(args.ckpt, config, trust, source)
-    dm = load_datamodule(config, state, task, trust, source)
-    check_same_model(task, dm, args.ckpt, source if config.get("data") else "the checkpoint's datamodule")
-    dm.prepare_data()  # fake data is written, missing data downloaded (or a message says where to put it)
-    cb = lib_settings(config, task, trust, source)
-    seed = cb.seed if args.seed is None else args.seed
-    size = None if args.size == "all" else (cb.size if args.size is None else args.size)
-    if size is not None and hasattr(dm, "analysis_inputs"):
-        inputs = dm.analysis_inputs(cb.split, size, seed)  # the very set the callback analysed
-    else:
-        inputs, _ = _split_tensors(dm, cb.split, cb.batch_inputs)
-        inputs = nested.select(inputs, _subset(nested.batch_size(inputs), size, seed))
-    if size is not None and size > nested.batch_size(inputs):
-        warnings.warn(oversize_message(size, nested.batch_size(inputs), f"the {cb.split} split"), stacklevel=2)
-    batches = nested.split(inputs, cb.batch_size)
-    val_x, val_y = _split_tensors(dm, "val", cb.batch_inputs)
-    index = _subset(len(val_y), args.eval_size, seed)
-    val_x, val_y = nested.select(val_x, index), val_y[index]
-    data = list(zip(nested.split(val_x, args.eval_batch_size), val_y.split(args.eval_batch_size)))
+    run = _load(args)
+    task, dm, cb, seed, data = run["task"], run["dm"], run["cb"], run["seed"], run["data"]
     done("load")
 
     bar.set_description("analyze: graphs")
-    graphs = build_graphs(task, cb.layers, batches, forward=cb.forward, **cb.build_kwargs)
+    graphs = build_graphs(task, cb.layers, run["batches"], forward=cb.forward, **cb.build_kwargs)
     save_graphs(graphs, os.path.join(args.out, "graphs.pt"))
     done("graphs")
     bar.set_description("analyze: summary")
     summary = summarise(graphs, cb.options)
     done("summary")
 
+    settings = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in cb.build_kwargs.items()}
     result: dict[str, Any] = {
-        "checkpoint": os.path.abspath(args.ckpt), "config": config_path, "step": state.get("global_step"),
-        "settings": {"layers": [layer.name for layer in cb.layers], "split": cb.split, "size": nested.batch_size(inputs), "seed": seed,
-                     "eval_size": len(val_y), "tolerance": args.tolerance,
-                     **{k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in cb.build_kwargs.items()}},
+        "checkpoint": os.path.abspath(args.ckpt), "config": run["config_path"], "step": run["state"].get("global_step"),
+        "settings": {"layers": [layer.name for layer in cb.layers], "split": cb.split, "size": run["n_inputs"],
+                     "seed": seed, "eval_size": run["eval_size"], "tolerance": args.tolerance, **settings},
         "metrics": summary.metrics,
-    }
+    }  # fmt: skip
     names = short_names(next(iter(graphs.values())).layer_names)
     dtype = cb.build_kwargs.get("dtype", torch.float64)  # the precision the graphs were built in
     nodes, edges = {}, {}
@@ -216,21 +271,7 @@ def analyze(args: argparse.Namespace) -> dict[str, Any]:
         done("node ablation")
         if not args.no_edge_ablation:
             bar.set_description("analyze: edge ablation")
-            for kind, g in graphs.items():
-                edges[kind] = []
-                for sec in range(len(g.edges)):
-                    edges[kind].append(
-                        edge_ablation(task, g, sec, data, forward=cb.forward, tolerance=args.tolerance, dtype=dtype)
-                    )
-                    bar.set_postfix_str(f"{kind} section {sec}")
-            sections = [f"{a}->{b}" for a, b in zip(names[:-1], names[1:])]
-            result["edge_ablation"] = {
-                kind: {sec: {k: getattr(r, k) for k in _EDGE_FIELDS} for sec, r in zip(sections, rs)}
-                for kind, rs in edges.items()
-            }
-            result["edges_required"] = {
-                sec: {kind: rs[i].n_required for kind, rs in edges.items()} for i, sec in enumerate(sections)
-            }
+            edges = _edge_ablations(task, cb, graphs, data, args, dtype, names, result, bar)
         done("edge ablation")
 
     labels = None
@@ -251,25 +292,7 @@ def analyze(args: argparse.Namespace) -> dict[str, Any]:
     done("fourier")
 
     bar.set_description("analyze: figures")
-    spectra = {name: {k: spectrum(g.layers[i]) for k, g in graphs.items()} for i, name in enumerate(names)
-               if graphs["lib"].layers[i].kind != "identity"} if "lib" in graphs else {}
-    if spectra:
-        _write_figure(os.path.join(args.out, "spectra.png"), plot_spectra(spectra, title="Λ (LIB) and variances (PCA)"))
-    if summary.graph is not None and summary.graph.number_of_edges():
-        named = (result.get("fourier") or {}).get("communities") or []
-        names = {c["community"]: f"k = {c['frequency']}, purity {c['purity']:.2f} ({c['size']} features)" for c in named}
-        fig = plot_interaction_graph(summary.graph, summary.communities, labels=labels, community_labels=names,
-                                     title="LIB interaction graph (communities: dominant Fourier frequency)" if names else "")
-        _write_figure(os.path.join(args.out, "graph.png"), fig)
-    if nodes:
-        _write_figure(os.path.join(args.out, "node_ablation.png"), plot_node_ablation(nodes, args.tolerance))
-    if edges:
-        _write_figure(os.path.join(args.out, "edge_ablation.png"), plot_edge_ablation(edges))
-    if args.run:
-        from lib_lightning.timeline import plot_timeline, read_scalars
-
-        title = os.path.basename(os.path.normpath(args.run))
-        _write_figure(os.path.join(args.out, "timeline.png"), plot_timeline(read_scalars(args.run), title=title))
+    _figures(args, graphs, summary, names, labels, nodes, edges, result)
     done("figures")
     bar.close()
     result["timings_s"] = timings
