@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lib_lightning.core.lib import batch as nested
 from lib_lightning.core.lib import check_build
 from lib_lightning.core.lib.capture import capture
+from lib_lightning.core.lib.checks import check_batch_dim
 from lib_lightning.runtime import oversize_message
 
 __all__ = ["AnalysisSet"]
@@ -178,17 +179,7 @@ class AnalysisSet:
                             "(from batch_inputs(batch)); give forward= and batch_inputs= that fit the module"
                         )
                     raise
-                self._check_batch_first(acts, nested.batch_size(inputs))
+                check_batch_dim(self.layers, acts, nested.batch_size(inputs))
                 if not all(torch.isfinite(a.sum()) for a in acts):
                     return False
         return True
-
-    def _check_batch_first(self, acts: list[torch.Tensor], batch: int) -> None:
-        """Raises ``ValueError`` naming a node layer whose activation's first dimension is not the batch."""
-        for layer, a in zip(self.layers, acts):
-            if a.shape[0] != batch:
-                raise ValueError(
-                    f"node layer {layer.name!r} has an activation of shape {tuple(a.shape)} (batch, pos, d) for "
-                    f"inputs of batch size {batch}: its first dimension must be the batch (a module with "
-                    "batch_first=False puts the sequence first)"
-                )

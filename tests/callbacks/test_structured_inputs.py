@@ -236,8 +236,8 @@ class _SequenceFirst(BagOfTokens):
 
 def test_node_layers_whose_first_dimension_is_not_the_batch_are_named(tmp_path):
     cb = _bag_callback(size=16)
-    with pytest.raises(ValueError, match=r"node layer 'mlp.0\[in\]' has an activation of shape \(7, 16, 8\) \(batch, pos, d\) "
-                                         r"for inputs of batch size 16: its first dimension must be the batch"):
+    with pytest.raises(ValueError, match=r"node layer 'mlp.0\[in\]' has 7 rows in dim 0 but the inputs hold 16 examples "
+                                         r"\(activation read as \(7, 16, 8\)\): node layers must be batch first.*batch_first=False"):
         _trainer(tmp_path, 1, [cb]).fit(_SequenceFirst(), PaddedTokens())
 
 

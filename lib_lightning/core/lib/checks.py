@@ -37,6 +37,7 @@ __all__ = [
     "CONTEXT_NAMES",
     "CutError",
     "IndependenceError",
+    "check_batch_dim",
     "check_batch_first",
     "check_cut",
     "check_independence",
@@ -190,11 +191,9 @@ def check_independence(
             )
 
 
-def check_batch_first(model: nn.Module, layers: Sequence[NodeLayer], inputs: Any, forward: Forward = default_forward) -> None:
-    """Raises ``ValueError`` unless every node layer's value has the inputs' batch size as its first dim."""
-    batch = batch_size(inputs)
-    with torch.no_grad():
-        acts = capture(model, layers, inputs, forward)
+def check_batch_dim(layers: Sequence[NodeLayer], acts: Sequence[torch.Tensor], batch: int) -> None:
+    """Raises ``ValueError`` naming the first node layer whose activation ``acts[i]`` does not have ``batch``
+    rows in dim 0 (captured activations of inputs holding ``batch`` examples)."""
     for layer, act in zip(layers, acts):
         if act.shape[0] != batch:
             raise ValueError(
@@ -202,6 +201,13 @@ def check_batch_first(model: nn.Module, layers: Sequence[NodeLayer], inputs: Any
                 f"examples (activation read as {tuple(act.shape)}): node layers must be batch first, which "
                 "for example nn.LSTM's h_n (num_layers, batch, hidden) and batch_first=False outputs are not"
             )
+
+
+def check_batch_first(model: nn.Module, layers: Sequence[NodeLayer], inputs: Any, forward: Forward = default_forward) -> None:
+    """Raises ``ValueError`` unless every node layer's value has the inputs' batch size as its first dim."""
+    with torch.no_grad():
+        acts = capture(model, layers, inputs, forward)
+    check_batch_dim(layers, acts, batch_size(inputs))
 
 
 def check_sections(
