@@ -9,6 +9,10 @@ of the same kind for the edges. Each measurement runs in its own subprocess so t
 
     python benchmarks/lib_build.py                 # side-by-side run, prints a Markdown table
     python benchmarks/lib_build.py --repeats 3 --threads 1 --sizes 1000 3830 12769
+    python benchmarks/lib_build.py --callback-setting --repeats 5   # the training callback's build, old vs new
+
+``-noprobe`` implementations run with ``affine_probe=False``: every chunk per example, main's code path
+before the affine fast path (core/lib/affine.py), kept reachable to measure old against new.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import time
 import torch
 
 LAYERS = ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_logits"]
+IMPLS = ["reference", "ours-recon", "ours-recon-noprobe", "ours", "ours-noprobe", "ours-nocache", "ours-float32"]
 
 
 def _model_and_data(n: int, ckpt: str | None):
@@ -41,7 +46,8 @@ def _model_and_data(n: int, ckpt: str | None):
     return model, tokens[perm[:n]]
 
 
-def run_ours(model, tokens, chunk_size: int, cache_bytes: int, dtype=torch.float64, edge_point="activation"):
+def run_ours(model, tokens, chunk_size: int, cache_bytes: int, dtype=torch.float64, edge_point="activation",
+             affine_probe: bool = True, kinds=("lib",), **options):
     from lib_lightning.core.lib import build_graphs
 
     phases: dict[str, float] = {}
@@ -54,9 +60,8 @@ def run_ours(model, tokens, chunk_size: int, cache_bytes: int, dtype=torch.float
         state["t"] = now
 
     graphs = build_graphs(
-        model, LAYERS, [tokens], kinds=("lib",), chunk_size=chunk_size, cache_bytes=cache_bytes, dtype=dtype,
-        edge_point=edge_point,
-        progress=progress,
+        model, LAYERS, [tokens], kinds=kinds, chunk_size=chunk_size, cache_bytes=cache_bytes, dtype=dtype,
+        edge_point=edge_point, affine_probe=affine_probe, progress=progress, **options,
     )
     return graphs["lib"], phases
 
@@ -129,8 +134,9 @@ def _child(args) -> None:
     else:
         dtype = torch.float32 if args.impl == "ours-float32" else torch.float64
         cache = 0 if args.impl == "ours-nocache" else args.cache_mb << 20
-        point = "reconstruction" if args.impl == "ours-recon" else "activation"
-        graph, phases = run_ours(model, tokens, args.chunk_size, cache, dtype, point)
+        point = "reconstruction" if args.impl.startswith("ours-recon") else "activation"
+        probe = not args.impl.endswith("-noprobe")
+        graph, phases = run_ours(model, tokens, args.chunk_size, cache, dtype, point, probe)
         lambdas, edges = [layer.lambdas for layer in graph.layers], list(graph.edges)
     wall = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -157,9 +163,40 @@ def _compare(a_path: str, b_path: str) -> tuple[float, float]:
     return lam_err, edge_err
 
 
+def _callback_setting(args) -> None:
+    """The training callback's build (configs/modadd.yaml: kinds lib and pca, 400 training pairs, float32
+    Jacobians, chunks of 256, a 512 MB cache, checks done beforehand), new and old alternating in one
+    process; prints medians and the largest relative difference of Λ and edges between the two."""
+    torch.set_num_threads(args.threads)
+    model, tokens = _model_and_data(400, args.ckpt)
+    options = dict(kinds=("lib", "pca"), check_cuts=False, memory_budget_bytes=None)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    phases: dict[bool, dict[str, float]] = {}
+    graphs: dict[bool, object] = {}
+    for _ in range(args.repeats):
+        for probe in (True, False):
+            start = time.perf_counter()
+            graphs[probe], phases[probe] = run_ours(model, tokens, 256, 512 << 20, torch.float32, "activation", probe, **options)
+            times[probe].append(time.perf_counter() - start)
+    lam = max(((a.lambdas - b.lambdas).abs() / b.lambdas.abs().max()).max().item()
+              for a, b in zip(graphs[True].layers, graphs[False].layers))
+    edge = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(graphs[True].edges, graphs[False].edges))
+    print(f"threads={args.threads} load={os.getloadavg()} ckpt={args.ckpt}")
+    for probe, name in ((False, "old (affine_probe=False)"), (True, "new")):
+        runs = ", ".join(f"{t:.2f}" for t in times[probe])
+        split = ", ".join(f"{k} {v:.2f}" for k, v in phases[probe].items())
+        print(f"{name}: median {statistics.median(times[probe]):.2f} s (runs {runs}); phases of the last run: {split}")
+    print(f"old / new: {statistics.median(times[False]) / statistics.median(times[True]):.2f}x; dims "
+          f"{graphs[True].dims} vs {graphs[False].dims}; max rel. difference Λ {lam:.1e}, edges {edge:.1e} (of the largest)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--impl", choices=["ours", "ours-recon", "ours-nocache", "ours-float32", "reference"])
+    parser.add_argument("--impl", choices=IMPLS)
+    parser.add_argument("--impls", nargs="*", default=IMPLS, choices=IMPLS, help="rows of the side-by-side table")
+    parser.add_argument("--callback-setting", action="store_true",
+                        help="time build_graphs as configs/modadd.yaml's callback calls it (lib+pca, 400 examples, "
+                        "float32), affine probe on and off alternating; --repeats runs of each")
     parser.add_argument("--n", type=int, default=3830)
     parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 3830, 12769])
     parser.add_argument("--repeats", type=int, default=3)
@@ -174,6 +211,9 @@ def main() -> None:
     if args.impl:
         _child(args)
         return
+    if args.callback_setting:
+        _callback_setting(args)
+        return
 
     def run(impl: str, n: int, save: str | None = None, chunk_size: int | None = None, reverse: bool = False) -> dict:
         cmd = [sys.executable, __file__, "--impl", impl, "--n", str(n), "--threads", str(args.threads),
@@ -187,7 +227,7 @@ def main() -> None:
     tmp = os.environ.get("TMPDIR", "/tmp")
     print(f"threads={args.threads} chunk_size={args.chunk_size} cache={args.cache_mb} MB load={os.getloadavg()}")
     n = 3830
-    rows = {impl: [] for impl in ("reference", "ours", "ours-recon", "ours-nocache", "ours-float32")}
+    rows = {impl: [] for impl in ["reference", *[i for i in args.impls if i != "reference"]]}
     for r in range(args.repeats):  # interleaved, so drifts in machine load hit every implementation alike
         for impl in rows:
             rows[impl].append(run(impl, n, save=f"{tmp}/lib_{impl}.pt" if r == 0 else None))

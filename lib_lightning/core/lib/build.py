@@ -129,6 +129,7 @@ def build_graphs(
     max_features: int | None = None,
     edge_point: str = "activation",
     reuse_rtol: float | None = None,
+    affine_probe: bool = True,
     position_sources: int | None = None,
     seed: int = 0,
     chunk_size: int = 256,
@@ -167,6 +168,13 @@ def build_graphs(
             two points agree when truncation only drops directions without variance (spec §11). The
             default, :func:`default_reuse_rtol` of the analysis dtype (1e-10 in float64, 1.2e-4 in
             float32), sits above rounding, which is not a different point.
+        affine_probe: probe every chunk for one Jacobian shared by all its examples (an affine section
+            such as the unembedding, or a ReLU MLP whose units do not flip within the chunk): the
+            integrated VJPs of two random cotangents agree at every example to ``reuse_rtol``. Such a
+            chunk takes its Jacobian at one example (one VJP per output feature on one example instead
+            of the batch); the result is the same to rounding, since that Jacobian is every example's.
+            A section stops being probed at its first chunk that is not shared. Not with
+            ``position_sources`` (the rows differ per example). ``False``: always per example.
         position_sources: if set, R stochastic sources replace the output positions of every section
             (spec §3, Rademacher signs): R VJPs per output feature instead of one per position, with M′
             and the squared edges unbiased (exact for single-position outputs). For sections whose
@@ -219,7 +227,7 @@ def build_graphs(
         for sec in reversed(range(len(names) - 1)):
             section = Section(
                 model, node_layers[sec], node_layers[sec + 1], sec, int_rule, forward, dtype, chunk_size,
-                measured.positions[sec + 1], position_sources, seed, edge_point, reuse_rtol,
+                measured.positions[sec + 1], position_sources, seed, edge_point, reuse_rtol, affine_probe,
             )  # fmt: skip
             in_bases = {kind: bases[kind][sec] for kind in kinds}
             out_bases = {kind: bases[kind][sec + 1] for kind in kinds}

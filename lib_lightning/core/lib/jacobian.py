@@ -28,6 +28,9 @@ __all__ = [
     "chunks",
     "integrated_jacobian",
     "integrated_vjp",
+    "integrated_vjps",
+    "point_of",
+    "GivenRows",
     "project",
     "m_prime_update",
     "edge_attributions",
@@ -101,7 +104,7 @@ class _SourceRows(_Rows):
         return self.phi[:, r // self.k, :, None] * self.cot[:, r % self.k]  # (batch, pos_out, d_out)
 
 
-class _GivenRows(_Rows):
+class GivenRows(_Rows):
     """The given cotangents ``(n, pos_out, d_out)``, shared by every example."""
 
     def __init__(self, cotangents: torch.Tensor, out: torch.Tensor) -> None:
@@ -125,7 +128,8 @@ def _jacobian_rows(out: torch.Tensor, out_basis: LayerBasis | None, signs: torch
     return _FeatureRows(cot, out) if signs is None else _SourceRows(cot, signs, out)
 
 
-def _point(model: nn.Module, layer_in: NodeLayer, inputs: Any, forward: Forward, point) -> torch.Tensor:
+def point_of(model: nn.Module, layer_in: NodeLayer, inputs: Any, forward: Forward, point) -> torch.Tensor:
+    """The activation of ``layer_in`` mapped by ``point`` (if given): where the Jacobians are taken."""
     with torch.no_grad():
         (acts,) = capture(model, [layer_in], inputs, forward)
         if point is not None:
@@ -135,7 +139,7 @@ def _point(model: nn.Module, layer_in: NodeLayer, inputs: Any, forward: Forward,
     return acts
 
 
-def _integrated_vjps(
+def integrated_vjps(
     model: nn.Module,
     layer_in: NodeLayer,
     layer_out: NodeLayer,
@@ -214,9 +218,9 @@ def integrated_jacobian(
     Raises:
         ValueError: if the activation or the Jacobian contains NaN or Inf, or ``signs`` do not match.
     """
-    acts = _point(model, layer_in, inputs, forward, point)
+    acts = point_of(model, layer_in, inputs, forward, point)
     make_rows = functools.partial(_jacobian_rows, out_basis=out_basis, signs=signs)
-    jac, layout = _integrated_vjps(model, layer_in, layer_out, inputs, acts, rule, forward, make_rows)
+    jac, layout = integrated_vjps(model, layer_in, layer_out, inputs, acts, rule, forward, make_rows)
     if not torch.isfinite(jac.sum()):
         raise ValueError(f"the Jacobian of section {layer_in.name!r} -> {layer_out.name!r} contains NaN or Inf")
     batch, pos_in, d_in = acts.shape
@@ -238,9 +242,9 @@ def integrated_vjp(
     Returns ``(batch, pos_in, n, d_in)``: n rows of J̄ in the directions wᵣ, at the same point and with the
     same rule as :func:`integrated_jacobian` (used to probe whether two points have the same Jacobian).
     """
-    acts = _point(model, layer_in, inputs, forward, point)
-    make_rows = functools.partial(_GivenRows, cotangents)
-    return _integrated_vjps(model, layer_in, layer_out, inputs, acts, rule, forward, make_rows)[0]
+    acts = point_of(model, layer_in, inputs, forward, point)
+    make_rows = functools.partial(GivenRows, cotangents)
+    return integrated_vjps(model, layer_in, layer_out, inputs, acts, rule, forward, make_rows)[0]
 
 
 def project(jac: torch.Tensor, basis_out: LayerBasis) -> torch.Tensor:
@@ -254,9 +258,12 @@ def project(jac: torch.Tensor, basis_out: LayerBasis) -> torch.Tensor:
     return torch.matmul(c_out.T, jac)
 
 
-def m_prime_update(g: torch.Tensor) -> torch.Tensor:
+def m_prime_update(g: torch.Tensor, repeat: int = 1) -> torch.Tensor:
     """Partial sum of M′ for a chunk: Σ_x Σ_s Σ_{t,i} ĝ_{s,t,i}ᵀ ĝ_{s,t,i}, with ĝ
     ``(batch, pos_in, pos_out, k_out, d_in)``.
+
+    ``repeat``: how many examples share each ĝ (a chunk of an affine section holds one ĝ for all its
+    examples, :mod:`lib_lightning.core.lib.affine`); the sum counts it that many times.
 
     Returns ``(d_in + 1, d_in + 1)`` in float64; the constant coordinate's row and column are zero
     (the constant is not an input of the section).
@@ -265,7 +272,7 @@ def m_prime_update(g: torch.Tensor) -> torch.Tensor:
     rows = g.reshape(-1, d_in).to(torch.float64)
     m = torch.zeros(d_in + 1, d_in + 1, dtype=torch.float64, device=g.device)
     m[:d_in, :d_in] = rows.T @ rows
-    return m
+    return m if repeat == 1 else m.mul_(repeat)
 
 
 def edge_attributions(acts: torch.Tensor, g: torch.Tensor, basis_in: LayerBasis) -> torch.Tensor:
@@ -274,14 +281,16 @@ def edge_attributions(acts: torch.Tensor, g: torch.Tensor, basis_in: LayerBasis)
     A_{t,i,j}(x) = Σ_s [∂ĥ_{t,i}/∂f̂_{s,j}] f̂_{s,j}(x) with ∂ĥ/∂f̂ = ĝ C⁺ᵀ and ĝ = J̄ C^{l+1} (see
     :func:`project`); the α-sum is already inside J̄. One matrix product per input position over the
     whole chunk. The constant coordinate carries no gradient, so only C⁺'s first d columns enter.
+    A ĝ of batch 1 is shared by every example (an affine chunk): ĝ C⁺ᵀ is taken once.
     """
-    batch, pos_in, pos_out, k_out, d_in = g.shape
+    n_g, pos_in, pos_out, k_out, d_in = g.shape
+    batch = acts.shape[0]
     f_hat = basis_in.transform(acts.to(torch.float64))  # (batch, pos_in, k_in)
     pinv_t = basis_in.basis_pinv[:, :d_in].T  # (d_in, k_in)
     a = None
     for s in range(pos_in):
-        part = torch.matmul(g[:, s].reshape(batch, pos_out * k_out, d_in).to(torch.float64), pinv_t)
-        part.mul_(f_hat[:, s, None, :])
+        part = torch.matmul(g[:, s].reshape(n_g, pos_out * k_out, d_in).to(torch.float64), pinv_t)
+        part = part.mul_(f_hat[:, s, None, :]) if n_g == batch else part * f_hat[:, s, None, :]
         a = part if a is None else a.add_(part)
     return a.view(batch, pos_out, k_out, pinv_t.shape[1])  # k_in explicit: a layer may keep no feature
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lib_lightning.core.lib.affine import is_shared, shared_jacobian
 from lib_lightning.core.lib.basis import LayerBasis
 from lib_lightning.core.lib.cache import JacobianCache
 from lib_lightning.core.lib.capture import Forward, NodeLayer, capture, select_examples
@@ -45,8 +46,8 @@ def accumulate(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
 class Section:
     """What the chunks of section ``index`` (``layer_in`` -> ``layer_out``) share.
 
-    ``pos_out`` is the output layer's number of positions (for the stochastic sources); ``edge_point``
-    and ``reuse_rtol`` are :func:`~lib_lightning.core.lib.build_graphs`'s.
+    ``pos_out`` is the output layer's number of positions (for the stochastic sources); ``edge_point``,
+    ``reuse_rtol`` and ``affine_probe`` are :func:`~lib_lightning.core.lib.build_graphs`'s.
     """
 
     model: nn.Module
@@ -62,6 +63,7 @@ class Section:
     seed: int
     edge_point: str
     reuse_rtol: float
+    affine_probe: bool = True
 
     def phase(self, name: str) -> str:
         return f"{name} {self.layer_in.name} -> {self.layer_out.name}"
@@ -84,14 +86,25 @@ class Section:
         out_basis: LayerBasis | None,
         at: LayerBasis | None = None,
         only: torch.Tensor | None = None,
+        probe: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """J̄ of ``chunk`` (of its examples ``only``), at the activation or at its reconstruction in ``at``."""
+        """J̄ of ``chunk`` (of its examples ``only``), at the activation or at its reconstruction in ``at``.
+
+        With ``probe`` (and ``affine_probe``, and no stochastic signs), a chunk whose examples share one
+        J̄ gets it at one example: jac of batch 1 (:mod:`lib_lightning.core.lib.affine`).
+        """
         point = None if at is None else _reconstruction(at)
         phi = self.signs(inputs, chunk)
         if only is not None:
             inputs, phi = select_examples(inputs, only), None if phi is None else phi[only]
         inputs = prepare_inputs(inputs, self.dtype)
         try:
+            if probe and self.affine_probe and phi is None:
+                seed = hash((self.seed, self.index, chunk, 1)) & (2**62 - 1)
+                args = (self.layer_in, self.layer_out, inputs, self.rule, self.forward, self.reuse_rtol, seed)
+                shared = shared_jacobian(self.model, *args, point, out_basis)
+                if shared is not None:
+                    return shared
             return integrated_jacobian(
                 self.model, self.layer_in, self.layer_out, inputs, self.rule, self.forward, point, out_basis, phi
             )
@@ -132,7 +145,7 @@ class Section:
         same = (there - here).abs().amax(1) <= self.reuse_rtol * here.abs().amax(1)
         if not same.all():
             redo = (~same).nonzero().squeeze(1)
-            g = g.clone()
+            g = g.expand(acts.shape[0], *g.shape[1:]).clone()  # a shared ĝ becomes one per example
             g[redo] = self.jacobian(inputs, chunk, out_basis, basis, only=redo)[1]
         return rec(acts), g
 
@@ -169,13 +182,15 @@ def jacobian_pass(
     m_sum, count = None, 0.0
     edge_sums: dict[str, torch.Tensor | None] = {kind: None for kind in kinds}
     pending: dict[str, set[int]] = {kind: set() for kind in kinds}
+    probe = True  # until a chunk of several examples is found not shared: then the section is not affine
     for chunk, inputs in enumerate(chunks(batches, section.chunk_size)):
-        acts, jac = section.jacobian(inputs, chunk, shared)
+        acts, jac = section.jacobian(inputs, chunk, shared, probe=probe)
+        probe = probe and (is_shared(acts, jac) or acts.shape[0] < 2)
         count += acts.shape[0] * acts.shape[1]
         for kind in kinds:
             g = jac if shared is not None else project(jac, out_bases[kind])
             if kind == "lib":  # the edges wait for this section's basis, built from M′
-                m_sum = accumulate(m_sum, m_prime_update(g))
+                m_sum = accumulate(m_sum, m_prime_update(g, acts.shape[0] if is_shared(acts, g) else 1))
                 pending["lib"].add(chunk)
                 cache.put(chunk, acts, g)
             elif section.reusable(in_bases[kind], acts):

@@ -431,7 +431,9 @@ def test_reconstruction_edges_recompute_only_examples_whose_jacobian_changes(mon
         return real(model_, layer_in, layer_out, inputs, *args, **kwargs)
 
     monkeypatch.setattr(lib_module, "integrated_jacobian", spy)
-    lib = build_graphs(model, LAYERS, [x], kinds=("lib",), rel_threshold=0.05, edge_point="reconstruction", chunk_size=len(x))["lib"]
+    # the per-example path (the affine h1 -> out chunk would otherwise take its Jacobian at one example)
+    lib = build_graphs(model, LAYERS, [x], kinds=("lib",), rel_threshold=0.05, edge_point="reconstruction",
+                       chunk_size=len(x), affine_probe=False)["lib"]
     assert [name for name, n in calls if n == len(x)] == ["h1", "h0", "inp"]  # one basis pass per section
     redone = {name: n for name, n in calls if n < len(x)}
     assert set(redone) == {"h0", "inp"}  # the affine h1 -> out section reuses every example
@@ -545,7 +547,7 @@ def test_float32_reconstruction_edges_reuse_jacobians_when_only_rounding_is_drop
         return real(model_, layer_in, layer_out, inputs, *args, **kwargs)
 
     monkeypatch.setattr(lib_module, "integrated_jacobian", spy)
-    kwargs = dict(kinds=("lib",), abs_threshold=1e-8, edge_point="reconstruction", chunk_size=len(x))
+    kwargs = dict(kinds=("lib",), abs_threshold=1e-8, edge_point="reconstruction", chunk_size=len(x), affine_probe=False)
     lib = build_graphs(model, LAYERS, [x], dtype=torch.float32, **kwargs)["lib"]
     assert lib.dims[0] == 4  # the constant and three directions: the rounding-only one is dropped
     assert calls == [("h1", len(x)), ("h0", len(x)), ("inp", len(x))]  # no recomputation (14 examples before)

@@ -1,0 +1,91 @@
+"""Chunks whose section has one Jacobian for every example: taken at one example instead of all of them.
+
+An affine section (the unembedding; any chain of Linear layers) has the same integrated Jacobian J̄ at
+every example, so the chunk needs one set of VJPs at a single example, not one set over the batch. A
+section is never assumed affine: every chunk is probed. The integrated VJPs of two random cotangents
+(the same for every example) are taken over the whole chunk, at the very point and with the very rule
+of the Jacobian; the chunk is *shared* when every example's VJPs equal the first example's to ``rtol``
+relative (rounding). Otherwise the caller takes the per-example path.
+
+A non-affine section may still have one Jacobian on the data: a ReLU MLP whose units do not flip
+between the examples of a chunk. The probe treats that as shared, and this is still exact: what the
+fast path returns *is* every example's own J̄ (the same activation pattern gives the same matrix). What
+is checked is the quantity used, not a property of the model.
+
+The result keeps a batch dimension of 1, broadcast against the chunk's activations: M′ counts it once
+per example (``m_prime_update(g, repeat=batch)``) and the edges multiply the one J̄ C⁺ᵀ by each
+example's f̂ (:func:`~lib_lightning.core.lib.jacobian.edge_attributions`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lib_lightning.core.lib.basis import LayerBasis
+from lib_lightning.core.lib.capture import Forward, NodeLayer, select_examples
+from lib_lightning.core.lib.integration import IntegrationRule
+from lib_lightning.core.lib.jacobian import GivenRows, integrated_jacobian, integrated_vjps, point_of
+
+__all__ = ["PROBE_DIRECTIONS", "same_for_every_example", "shared_jacobian", "is_shared"]
+
+PROBE_DIRECTIONS = 2  # random cotangents per chunk: one would do almost surely; two cost little more
+
+
+def same_for_every_example(vjps: torch.Tensor, rtol: float) -> bool:
+    """Whether every example's VJPs ``(batch, ...)`` equal the first example's to ``rtol`` × its largest entry."""
+    first = vjps[:1]
+    return bool((vjps - first).abs().max() <= rtol * first.abs().max())
+
+
+class _RandomRows(GivenRows):
+    """``n`` standard normal cotangents of the section's output shape, the same for every example."""
+
+    def __init__(self, seed: int, n: int, out: torch.Tensor) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        super().__init__(torch.randn((n, *out.shape[1:]), generator=gen, dtype=torch.float64), out)
+
+
+def shared_jacobian(
+    model: nn.Module,
+    layer_in: NodeLayer,
+    layer_out: NodeLayer,
+    inputs: Any,
+    rule: IntegrationRule,
+    forward: Forward,
+    rtol: float,
+    seed: int,
+    point: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    out_basis: LayerBasis | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The chunk's point and its one J̄, if the probe finds it shared by every example; else ``None``.
+
+    Args: as :func:`~lib_lightning.core.lib.jacobian.integrated_jacobian` (without stochastic signs,
+        whose rows differ per example), plus ``rtol`` (relative agreement of the probe VJPs) and
+        ``seed`` (of the probe's cotangents).
+
+    Returns:
+        acts ``(batch, pos_in, d_in)`` and jac ``(1, pos_in, pos_out, k, d_in)`` (J̄ at the first example,
+        every example's J̄), or ``None`` when the chunk has fewer than 2 examples or a probe VJP differs.
+
+    Raises:
+        ValueError: if the activation or the Jacobian contains NaN or Inf.
+    """
+    acts = point_of(model, layer_in, inputs, forward, point)
+    if acts.shape[0] < 2:
+        return None
+    rows = functools.partial(_RandomRows, seed, PROBE_DIRECTIONS)
+    probe, _ = integrated_vjps(model, layer_in, layer_out, inputs, acts, rule, forward, rows)
+    if not same_for_every_example(probe, rtol):
+        return None
+    one = select_examples(inputs, slice(0, 1))
+    return acts, integrated_jacobian(model, layer_in, layer_out, one, rule, forward, point, out_basis)[1]
+
+
+def is_shared(acts: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether ``g`` is one J̄ shared by the chunk's examples (batch dimension 1 against several)."""
+    return g.shape[0] == 1 < acts.shape[0]
