@@ -10,6 +10,12 @@ the code in DIR (e.g. ``git worktree add /tmp/old main``), alternating with this
 
     python benchmarks/callback_overhead.py --repeats 3
     python benchmarks/callback_overhead.py --repeats 2 --variants "LIB only" --threads 1 --code /tmp/old
+
+``--phases CKPT`` instead times the parts of single analyses of the config's LIB callback on a trained
+checkpoint (no training), alternating between this tree and ``--code``:
+
+    python benchmarks/callback_overhead.py --phases checkpoints/modadd/version_0/checkpoints/last.ckpt \
+        --repeats 5 --threads 1 --code /tmp/old
 """
 
 from __future__ import annotations
@@ -86,6 +92,90 @@ def _child(config: str, out: str, threads: int | None) -> None:
     Path(out).write_text(json.dumps(result))
 
 
+# The parts of an analysis, timed by wrapping them: (module, owner or None for a module function, name).
+_PARTS = (("callbacks._analysis_set", "AnalysisSet", "_finite"), ("callbacks._analysis_set", None, "check_build"),
+          ("callbacks.lib_analysis", None, "build_graphs"), ("callbacks.lib_analysis", None, "summarise"),
+          ("callbacks.lib_analysis", "LIBAnalysis", "_relu_metrics"), ("callbacks._lib_logging", "AnalysisLogging", "_save"),
+          ("callbacks._lib_logging", "AnalysisLogging", "_log_extras"))
+
+
+def _phases_child(config_path: str, ckpt: str, out: str, analyses: int) -> None:
+    """Seconds of each part of ``analyses`` analyses of the config's LIB callback on the checkpoint's model
+    (the first one runs the structural checks and the figures; later ones as in the middle of a run)."""
+    import importlib
+
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    config = yaml.safe_load(Path(config_path).read_text())
+    (spec,) = [c for c in config["trainer"]["callbacks"] if c["class_path"] == ANALYSIS_CALLBACKS[0]]
+    seconds: dict[str, float] = {}
+    for module_name, owner, name in _PARTS:
+        module = importlib.import_module(module_name)
+        holder = getattr(module, owner) if owner else module
+        if not hasattr(holder, name):
+            continue
+        def timed(fn, key=name):
+            def wrapper(*args, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
+            return wrapper
+        setattr(holder, name, timed(getattr(holder, name)))
+    from callbacks.lib_analysis import LIBAnalysis
+
+    def class_of(path: str):
+        module, _, name = path.rpartition(".")
+        return getattr(importlib.import_module(module), name)
+
+    task = class_of(config["model"]["class_path"]).load_from_checkpoint(ckpt, map_location="cpu")
+    dm = class_of(config["data"]["class_path"])(**config["data"]["init_args"])
+    dm.setup("fit")
+    cb = LIBAnalysis(**spec["init_args"])
+    cb._inputs = dm.analysis_inputs(cb.split, cb.size, cb.seed)
+    tmp = tempfile.mkdtemp()
+    trainer = L.Trainer(logger=TensorBoardLogger(tmp), default_root_dir=tmp, enable_progress_bar=False, max_steps=1)
+    trainer.strategy.connect(task)
+    rows = []
+    for i in range(analyses):
+        seconds.clear()
+        start = time.perf_counter()
+        cb._maybe_analyse(trainer, task)
+        total = time.perf_counter() - start
+        phases = {k: v for k, v in cb.history[-1]["metrics"].items() if k.startswith("lib/time/")}
+        rows.append({"analysis": i, "total": total, **seconds, **phases})
+        cb.history[-1]["step"] = -1 - i  # so that step 0 is analysed again (the guard against repeats)
+    Path(out).write_text(json.dumps(rows))
+
+
+def _phases(args, codes: dict[str, str]) -> None:
+    results: dict[str, list[list[dict]]] = {code: [] for code in codes}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):
+            for code, code_dir in codes.items():
+                out = Path(tmp) / f"phases_{r}_{len(results[code])}_{abs(hash(code))}.json"
+                threads = ["--threads", str(args.threads)] if args.threads else []
+                env = {**os.environ, "PYTHONPATH": code_dir}
+                subprocess.run([sys.executable, __file__, "--phases", args.phases, "--phases-child", args.config, str(out),
+                                *threads], cwd=tmp, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                results[code].append(json.loads(Path(out).read_text()))
+    print(f"phases of one analysis: config={args.config} ckpt={args.phases} repeats={args.repeats} (4 analyses each) "
+          f"threads={args.threads} code={codes} load={os.getloadavg()}")
+    for which, pick in (("first analysis (checks, figures)", lambda rows: rows[:1]), ("later analyses", lambda rows: rows[1:])):
+        print(f"\n{which}: median seconds over runs and analyses\n")
+        print("| part | " + " | ".join(codes) + " |")
+        print("|---|" + "---|" * len(codes))
+        keys = list(dict.fromkeys(k for runs in results.values() for rows in runs for row in pick(rows) for k in row))
+        for key in (k for k in keys if k != "analysis"):
+            cells = []
+            for runs in results.values():
+                values = [row.get(key, 0.0) for rows in runs for row in pick(rows)]
+                cells.append(f"{statistics.median(values):.3f}")
+            print(f"| {key} | " + " | ".join(cells) + " |")
+
+
 def _configs(config: dict, names: list[str], max_steps: int | None, folder: Path) -> dict[str, Path]:
     """One YAML per variant: the main job's config with only that variant's analysis callbacks."""
     paths = {}
@@ -142,13 +232,25 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--max-steps", type=int, default=None, help="trainer.max_steps (default: the config's)")
     parser.add_argument("--code", default=None, help="also run every variant on the code in this folder (OLD)")
+    parser.add_argument("--phases", default=None, metavar="CKPT", help="time the parts of single analyses on CKPT")
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "OUT"))
+    parser.add_argument("--phases-child", nargs=2, metavar=("CONFIG", "OUT"))
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.child:
         _child(*args.child, args.threads)
         return
-    config = yaml.safe_load(Path(args.config).read_text())
+    if args.phases_child:
+        _phases_child(args.phases_child[0], args.phases, args.phases_child[1], analyses=4)
+        return
     codes = {"[this tree] ": str(ROOT)} | ({"[--code] ": str(Path(args.code).resolve())} if args.code else {})
+    if args.phases:
+        _phases(args, codes)
+        return
+    config = yaml.safe_load(Path(args.config).read_text())
     with tempfile.TemporaryDirectory() as tmp:
         variants = _configs(config, args.variants, args.max_steps, Path(tmp))
         results: dict[str, list[dict]] = {code + name: [] for name in variants for code in codes}
