@@ -144,8 +144,10 @@ def _phases_child(config_path: str, ckpt: str, out: str, analyses: int) -> None:
         start = time.perf_counter()
         cb._maybe_analyse(trainer, task)
         total = time.perf_counter() - start
-        phases = {k: v for k, v in cb.history[-1]["metrics"].items() if k.startswith("lib/time/")}
-        rows.append({"analysis": i, "total": total, **seconds, **phases})
+        metrics = cb.history[-1]["metrics"]
+        phases = {k: v for k, v in metrics.items() if k.startswith("lib/time/")}
+        logged = {k: v for k, v in metrics.items() if not k.startswith("lib/time/")}
+        rows.append({"analysis": i, "total": total, **seconds, **phases, "logged": logged})
         cb.history[-1]["step"] = -1 - i  # so that step 0 is analysed again (the guard against repeats)
     Path(out).write_text(json.dumps(rows))
 
@@ -157,10 +159,11 @@ def _phases(args, codes: dict[str, str]) -> None:
             for code, code_dir in codes.items():
                 out = Path(tmp) / f"phases_{r}_{len(results[code])}_{abs(hash(code))}.json"
                 threads = ["--threads", str(args.threads)] if args.threads else []
-                env = {**os.environ, "PYTHONPATH": code_dir}
+                env = {**os.environ, "PYTHONPATH": code_dir, "PYTHONHASHSEED": "0"}
                 subprocess.run([sys.executable, __file__, "--phases", args.phases, "--phases-child", args.config, str(out),
                                 *threads], cwd=tmp, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 results[code].append(json.loads(Path(out).read_text()))
+    _compare_logged(results)
     print(f"phases of one analysis: config={args.config} ckpt={args.phases} repeats={args.repeats} (4 analyses each) "
           f"threads={args.threads} code={codes} load={os.getloadavg()}")
     for which, pick in (("first analysis (checks, figures)", lambda rows: rows[:1]), ("later analyses", lambda rows: rows[1:])):
@@ -168,12 +171,26 @@ def _phases(args, codes: dict[str, str]) -> None:
         print("| part | " + " | ".join(codes) + " |")
         print("|---|" + "---|" * len(codes))
         keys = list(dict.fromkeys(k for runs in results.values() for rows in runs for row in pick(rows) for k in row))
-        for key in (k for k in keys if k != "analysis"):
+        for key in (k for k in keys if k not in ("analysis", "logged")):
             cells = []
             for runs in results.values():
                 values = [row.get(key, 0.0) for rows in runs for row in pick(rows)]
                 cells.append(f"{statistics.median(values):.3f}")
             print(f"| {key} | " + " | ".join(cells) + " |")
+
+
+def _compare_logged(results: dict[str, list[list[dict]]]) -> None:
+    """Whether every code logged the same metrics (all but the times) in each analysis of its first run.
+
+    The children run with one PYTHONHASHSEED: graph/modularity's last bits depend on it (networkx sums
+    over sets of node names), so that two codes agree bit for bit where their arithmetic does."""
+    (first, reference), *others = [(code, runs[0]) for code, runs in results.items()]
+    for code, rows in others:
+        for a, b in zip(reference, rows):
+            x, y = a["logged"], b["logged"]
+            differ = [(k, x[k], y[k]) for k in x if k in y and x[k] != y[k] and not (x[k] != x[k] and y[k] != y[k])]
+            print(f"analysis {a['analysis']}: {len(x)} logged metrics, same names: {x.keys() == y.keys()}, "
+                  f"values that differ between {first.strip()} and {code.strip()}: {differ or 'none'}")
 
 
 def _configs(config: dict, names: list[str], max_steps: int | None, folder: Path) -> dict[str, Path]:
