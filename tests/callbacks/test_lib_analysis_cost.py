@@ -143,3 +143,37 @@ def test_figures_every_k_analyses_and_scalars_at_every_one(tmp_path):
 def test_figures_every_must_be_positive():
     with pytest.raises(ValueError, match="figures_every"):
         LIBAnalysis(FOREIGN_LAYERS, every_n_steps=2, figures_every=0)
+
+
+class _PoisonRankOne(L.Callback):
+    """NaN activations on rank 1 only, in the analyses from step 4 on (training itself stays finite)."""
+
+    def on_train_batch_start(self, trainer, pl_module, *args):
+        pl_module.poison = False
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        pl_module.poison = trainer.global_rank == 1 and trainer.global_step >= 4
+
+
+def test_a_nan_on_one_ddp_rank_skips_the_analysis_on_both_and_none_hangs(tmp_path):
+    """Rank 1 finds the NaN in the statistics pass; rank 0 learns it at the same reduction (a hang would
+    end in the strategy's 60 s collective timeout)."""
+    import csv
+    from datetime import timedelta
+
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.strategies import DDPStrategy
+
+    L.seed_everything(0)
+    cb = _foreign_callback()
+    trainer = L.Trainer(
+        max_steps=8, default_root_dir=tmp_path, logger=CSVLogger(tmp_path), enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[_PoisonRankOne(), cb], accelerator="cpu",
+        devices=2, strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)), limit_val_batches=0,
+    )
+    trainer.fit(NaNAfter(), ForeignData())
+    folder = tmp_path / "lightning_logs" / "version_0"
+    assert sorted(p.name for p in (folder / "lib").iterdir()) == ["step_00000000.json", "step_00000000.pt"]
+    rows = list(csv.DictReader((folder / "metrics.csv").open()))
+    skipped = {int(r["step"]): float(r["lib/skipped"]) for r in rows if r.get("lib/skipped")}
+    assert skipped == {0: 0.0, 4: 1.0, 8: 2.0}
