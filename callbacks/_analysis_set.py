@@ -1,4 +1,4 @@
-"""The analysis set of the LIB callbacks: drawn once, sharded by rank, checked before the analysis.
+"""The analysis set of the LIB callbacks: drawn once, sharded by rank, checked before the first analysis.
 
 A mixin of :class:`callbacks.lib_analysis.LIBAnalysis` (and so of :class:`callbacks.ablation.Ablation`):
 it reads the callback's ``split``, ``size``, ``seed``, ``batch_size``, ``batch_inputs``, ``layers`` and
@@ -25,11 +25,12 @@ __all__ = ["AnalysisSet"]
 
 class AnalysisSet:
     """Selection of the fixed analysis set: from the datamodule's ``analysis_inputs`` or the first
-    examples of the split's dataloader, one shard per rank, and the NaN and batch-first checks."""
+    examples of the split's dataloader, one shard per rank, and the structural checks of the first analysis."""
 
     _inputs: Any = None  # the analysis set, on CPU
     _drawn = False  # whether it was drawn from a dataloader (then it is kept in checkpoints)
     _warned_state = False
+    _checked = False  # whether the structural checks passed in this fit (not saved: a resume checks again)
 
     def _set_state(self) -> dict[str, Any]:
         """The set for the checkpoint when it was drawn from a dataloader (a shuffling loader does not
@@ -143,19 +144,24 @@ class AnalysisSet:
         return nested.split(shard, self.batch_size), index
 
     def _prepare(self, trainer: L.Trainer, pl_module: L.LightningModule, reduce) -> tuple[list, torch.Tensor, bool]:
-        """This rank's batches, their global indices, and whether every rank's activations are finite.
+        """This rank's batches, their global indices, and whether the structural checks found every rank's
+        first batch finite (later NaN or Inf is found by the build's statistics pass, on every rank alike).
 
-        Whatever fails here on one rank (an empty loader, a shard too small, a forward that raises, a
-        node layer pair that is not a cut on this rank's examples, the memory guard) is made known to
-        every rank by the first collective, so that all of them raise and none waits.
+        The structural checks (the forward on the first batch and its batch dimension, the build's order,
+        independence and cut checks and its memory guard) run at the first analysis of each fit, resumed or
+        not, until one passes: they depend on the model's modules and the fixed set's shapes, which do not
+        change between analyses. Whatever fails here on one rank (an empty loader, a shard too small, a
+        forward that raises, a failed check) is made known to every rank by the first collective, so that
+        all of them raise and none waits.
         """
         error, batches, index, finite = None, [], torch.zeros(0, dtype=torch.long), True
         try:
             inputs = self.analysis_inputs(trainer, pl_module)
             batches, index = self._shard(trainer, inputs, pl_module.device)
-            finite = self._finite(pl_module, batches)
-            if finite:  # the build's own checks, before its first collective (it then skips them)
-                check_build(pl_module, self.layers, batches, forward=self.forward, **self.build_kwargs)
+            if not self._checked:
+                finite = self._finite(pl_module, batches[:1])
+                if finite:  # the build's own checks, before its first collective (it then skips them)
+                    check_build(pl_module, self.layers, batches, forward=self.forward, **self.build_kwargs)
         except Exception as err:
             if trainer.world_size == 1:
                 raise
@@ -165,9 +171,13 @@ class AnalysisSet:
             raise error
         if flags[0].item() > 0:
             raise RuntimeError("the LIB analysis failed on another process before its first collective; see its error")
-        return batches, index, flags[1].item() == 0
+        finite = flags[1].item() == 0
+        self._checked = self._checked or finite  # alike on every rank: the flags are reduced
+        return batches, index, finite
 
     def _finite(self, pl_module: L.LightningModule, batches: list) -> bool:
+        """Whether the node layers' activations on ``batches`` are finite; a forward that fails on the
+        first batch is explained (inputs and the arguments that fit them), a wrong batch dimension named."""
         with torch.no_grad():
             for b, inputs in enumerate(batches):
                 try:

@@ -62,14 +62,16 @@ class AnalysisLogging:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
 
-    def _log_extras(self, trainer, graphs, summary, step: int) -> None:
+    def _log_extras(self, trainer, graphs, summary, step: int, figures: bool = True) -> None:
+        """Text summary at every analysis; images and histograms (as the callback asks) when ``figures``."""
         writers = tensorboards(trainer)
         if not writers and (self.images or self.histograms) and trainer.loggers and not self._warned_images:
             self._warned_images = True
             rank_zero_warn(
                 "LIBAnalysis: no logger can take images or histograms (TensorBoard can); logging scalars only"
             )
-        log_lib_figures(writers, self._names, graphs, summary, step, self.images, self.histograms)
+        images, histograms = self.images and figures, self.histograms and figures
+        log_lib_figures(writers, self._names, graphs, summary, step, images, histograms)
 
     def _write(self, write: Callable[[], None], what: str) -> None:
         """Runs a file write of the analysis; a failure (full disk) is counted in ``save_errors``, not raised."""

@@ -23,11 +23,13 @@ from callbacks._analysis_set import AnalysisSet
 from callbacks._lib_logging import AnalysisLogging, PhaseTimes
 from callbacks._tensorboard import write_overview
 from lib_lightning.core.lib import KINDS, build_graphs
+from lib_lightning.core.lib import batch as nested
 from lib_lightning.core.lib.capture import NodeLayer, default_forward, resolve_modules
 from lib_lightning.core.lib.integration import integration_rule
 from lib_lightning.core.lib.memory import MEMORY_BUDGET
 from lib_lightning.core.lib.modes import analysis_mode
-from lib_lightning.core.metrics.coactivation import relu_coactivation
+from lib_lightning.core.lib.passes import NonFiniteActivations
+from lib_lightning.core.metrics.coactivation import CoactivationSums
 from lib_lightning.core.metrics.summary import Snapshot, SummaryOptions, short_names, summarise
 from lib_lightning.core.validation import check_at_least, check_choice, check_choices
 from lib_lightning.runtime import default_batch_inputs, import_callable, num_threads, preserved_rng, starts_fresh
@@ -67,6 +69,9 @@ class LIBAnalysis(AnalysisSet, AnalysisLogging, Callback):
         relu_layers: modules whose outputs are ReLU activations, for the co-firing degeneracy counts.
         images, histograms, save: TensorBoard figures, log-Lambda histograms, and analyses on disk (a write
             that fails, e.g. on a full disk, is warned about once, counted in ``lib/save_errors`` and skipped).
+        figures_every: draw the images and histograms at the first analysis and then every this many
+            analyses (scalars, text and files at every one): drawing them is about a fifth of an
+            analysis of the main job (README).
         dtype: ``"float64"`` (exact) or ``"float32"`` (about 2× faster Jacobians; sums stay float64).
         chunk_size, cache_mb: Jacobian chunk size and cache budget (memory bounds).
         memory_budget_mb: refuse an analysis whose estimated memory (from the first batch's shapes)
@@ -114,6 +119,7 @@ class LIBAnalysis(AnalysisSet, AnalysisLogging, Callback):
         images: bool = True,
         histograms: bool = True,
         save: bool = True,
+        figures_every: int = 4,
         dtype: str = "float64",
         chunk_size: int = 256,
         cache_mb: int = 512,
@@ -138,6 +144,7 @@ class LIBAnalysis(AnalysisSet, AnalysisLogging, Callback):
         check_at_least("size", size, 2, why="the analysis needs at least two examples")
         check_at_least("batch_size", batch_size, 2, why="the cut check compares examples of a batch")
         check_at_least("chunk_size", chunk_size, 1)
+        check_at_least("figures_every", figures_every, 1)
         check_at_least("cache_mb", cache_mb, 0)
         check_at_least("memory_budget_mb", memory_budget_mb, 1, optional=True)
         check_at_least("position_sources", position_sources, 1, optional=True)
@@ -160,7 +167,7 @@ class LIBAnalysis(AnalysisSet, AnalysisLogging, Callback):
             context_inputs=None if context_inputs is None else tuple(context_inputs),
         )
         self.relu_layers = [NodeLayer.parse(layer) for layer in relu_layers]
-        self.images, self.histograms, self.save = images, histograms, save
+        self.images, self.histograms, self.save, self.figures_every = images, histograms, save, figures_every
         self.threads, self.name = threads, name
         # state that survives a resume
         self.history: list[dict[str, Any]] = []
@@ -206,6 +213,7 @@ class LIBAnalysis(AnalysisSet, AnalysisLogging, Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         resolve_modules(pl_module, self.layers + self.relu_layers)  # unknown names list the available ones
+        self._checked = False  # a new fit (or a resumed one) runs the structural checks again
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         write_overview(trainer, pl_module, self)  # layout and HParams of the run, by the first analysis callback
@@ -243,7 +251,7 @@ class LIBAnalysis(AnalysisSet, AnalysisLogging, Callback):
         step = trainer.global_step
         if trainer.sanity_checking or step in self.analysed_steps:
             return
-        # Eval mode for every analysis forward (NaN check and co-firing too): BatchNorm statistics and
+        # Eval mode for every analysis forward (structural checks too): BatchNorm statistics and
         # dropout masks must not change, so that training follows the same trajectory with the callback.
         with preserved_rng(), num_threads(self.threads), torch.inference_mode(False), torch.enable_grad(), \
                 analysis_mode(pl_module, None):
@@ -253,23 +261,22 @@ class LIBAnalysis(AnalysisSet, AnalysisLogging, Callback):
         start = time.perf_counter()
         folder = self._folder(trainer)  # trainer.log_dir broadcasts: every rank must ask
         reduce = self._reduce(trainer) or (lambda t: t)
-        # Every rank learns whether any rank saw a NaN (or failed) before the analysis' collectives start.
+        # Every rank learns whether any rank failed before the analysis' collectives start, and whether
+        # any rank saw a NaN: the structural checks' first batch here, any batch in the statistics pass.
         batches, index, finite = self._prepare(trainer, pl_module, reduce)
-        if not finite:
+        phases = PhaseTimes()
+        cofiring = _Cofiring(self.relu_layers, batches, index, self.seed)
+        graphs = self._build(pl_module, batches, reduce, phases, cofiring) if finite else None
+        if graphs is None:
             self.skipped += 1
             rank_zero_warn(f"LIB analysis at step {step} skipped: NaN or Inf in the activations of {self._names}")
             self._log(trainer, {"lib/skipped": float(self.skipped)}, step)
             return
-        phases = PhaseTimes()
-        graphs = build_graphs(
-            pl_module, self.layers, batches, forward=self.forward, reduce=reduce, progress=phases,
-            **{**self.build_kwargs, "check_cuts": False, "memory_budget_bytes": None},  # checked in _prepare
-        )
         built = time.perf_counter()
         summary = summarise(graphs, self.options, self.snapshot, strict=False)  # a metric never aborts training
         metrics = dict(summary.metrics)
         self._report_errors(summary.errors, step)
-        metrics.update(self._relu_metrics(pl_module, batches, index, reduce))
+        metrics.update(cofiring.metrics(pl_module.device, reduce))
         summarised = time.perf_counter()
         metrics["lib/skipped"] = float(self.skipped)
         metrics["lib/metric_errors"] = float(self.metric_errors)
@@ -277,20 +284,45 @@ class LIBAnalysis(AnalysisSet, AnalysisLogging, Callback):
         metrics.update(phases.seconds)
         metrics["lib/time/summary_s"] = summarised - built
         self.snapshot = summary.snapshot
+        figures = len(self.history) % self.figures_every == 0  # the first analysis, then every k-th
         self.history.append({"step": step, "metrics": metrics})
         if trainer.is_global_zero:
             if self.save:
                 self._write(lambda: self._save(folder, graphs, metrics, step), f"the LIB analysis of step {step}")
             metrics["lib/save_errors"] = float(self.save_errors)
             self._log(trainer, metrics, step)
-            self._write(lambda: self._log_extras(trainer, graphs, summary, step), f"the LIB figures of step {step}")
+            self._write(lambda: self._log_extras(trainer, graphs, summary, step, figures), f"the LIB figures of step {step}")
         self.history[-1]["seconds"] = time.perf_counter() - start
         rank_zero_info(self._one_line(step, metrics, self.history[-1]["seconds"]))
 
-    def _relu_metrics(self, pl_module, batches, index, reduce) -> dict[str, float]:
-        if not self.relu_layers:
+    def _build(self, pl_module, batches, reduce, phases, cofiring) -> dict | None:
+        """The graphs, or None when some rank's activations are not finite (every rank learns it at the
+        same reduction of the statistics pass, which raises alike on all of them)."""
+        try:
+            return build_graphs(
+                pl_module, self.layers, batches, forward=self.forward, reduce=reduce, progress=phases,
+                observe=self.relu_layers, observer=cofiring.update if self.relu_layers else None,
+                **{**self.build_kwargs, "check_cuts": False, "memory_budget_bytes": None},  # checked in _prepare
+            )  # fmt: skip
+        except NonFiniteActivations:
+            return None
+
+
+class _Cofiring:
+    """The ReLU co-firing counts of the callback's ``relu_layers``, summed batch by batch as the build's
+    statistics pass reads them (no forward of their own), then reduced across ranks."""
+
+    def __init__(self, layers: Sequence[NodeLayer], batches: list, index: torch.Tensor, seed: int) -> None:
+        self.layers, self.index, self.sums = layers, index, CoactivationSums(len(layers), seed)
+        self.offsets = np.cumsum([0] + [nested.batch_size(b) for b in batches]).tolist()  # batch b: offsets[b:b+2]
+
+    def update(self, b: int, acts: list[torch.Tensor]) -> None:
+        self.sums.update(acts, self.index[self.offsets[b] : self.offsets[b + 1]])
+
+    def metrics(self, device: torch.device, reduce) -> dict[str, float]:
+        if not self.layers:
             return {}
-        groups = relu_coactivation(pl_module, self.relu_layers, batches, index, self.seed, self.forward, reduce)
-        names = short_names([layer.name for layer in self.relu_layers])
+        groups = self.sums.groups(device, reduce)
+        names = short_names([layer.name for layer in self.layers])
         keys = ("n_dead", "n_always", "n_groups", "n_redundant", "largest_group")
         return {f"relu/{name}/{key}": float(getattr(g, key)) for name, g in zip(names, groups) for key in keys}

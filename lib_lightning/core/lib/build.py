@@ -29,7 +29,7 @@ from lib_lightning.core.lib.graph import InteractionGraph
 from lib_lightning.core.lib.integration import integration_rule
 from lib_lightning.core.lib.memory import MEMORY_BUDGET
 from lib_lightning.core.lib.modes import analysis_mode
-from lib_lightning.core.lib.passes import initial_bases, preflight, statistics_pass
+from lib_lightning.core.lib.passes import Observer, initial_bases, preflight, statistics_pass
 from lib_lightning.core.lib.section import Section, edges_pass, jacobian_pass
 from lib_lightning.core.validation import check_at_least, check_choice, check_choices
 
@@ -140,6 +140,8 @@ def build_graphs(
     memory_budget_bytes: int | None = MEMORY_BUDGET,
     reduce: Reduce | None = None,
     progress: Progress | None = None,
+    observe: Sequence[str | NodeLayer] = (),
+    observer: Observer | None = None,
 ) -> dict[str, InteractionGraph]:
     """Bases and edges of every requested kind, built from the last node layer backwards.
 
@@ -198,14 +200,21 @@ def build_graphs(
             (see :mod:`lib_lightning.core.lib.memory`); 8 GiB by default, ``None`` for no limit.
         reduce: sum-reduction applied to every partial sum (across processes); identity by default.
         progress: called as ``progress(phase, done, total)`` after each batch.
+        observe, observer: more layers to read in the statistics pass (no forward of their own):
+            ``observer(b, acts)`` gets their activations ``(batch, pos, d)``, in the analysis dtype, for
+            each batch ``b`` of this process (e.g. ReLU co-firing counts).
 
     Raises:
+        NonFiniteActivations: (a ValueError) on every process alike when any process's node layer
+            activations contain NaN or Inf, at the reduction of the means, before any other collective.
         ValueError, KeyError, TypeError, CutError, IndependenceError, MemoryBudgetError: on bad input,
             naming the value and the valid choices.
     """
     node_layers = [NodeLayer.parse(layer) for layer in layers]
     if len(node_layers) < 2:
         raise ValueError(f"need at least 2 node layers, got {len(node_layers)}")
+    if bool(observe) != (observer is not None):
+        raise ValueError(f"give observe and observer together, got observe={list(observe)} and observer={observer!r}")
     batches = _validate(kinds, chunk_size, cache_bytes, edge_point, position_sources, batches)
     int_rule = integration_rule(rule, n_intervals)
     if reuse_rtol is None:
@@ -218,7 +227,10 @@ def build_graphs(
         # before any pass and any reduce: a failure costs one forward of a few examples
         _preflight(model, node_layers, batches, kinds, forward, position_sources, chunk_size, cache_bytes, dtype,
                    check_cuts, context_inputs, memory_budget_bytes)
-        measured = statistics_pass(model, node_layers, batches, dtype=dtype, forward=forward, reduce=reduce, report=report)
+        measured = statistics_pass(
+            model, node_layers, batches, dtype=dtype, forward=forward, reduce=reduce, report=report,
+            observe=[NodeLayer.parse(layer) for layer in observe], observer=observer,
+        )  # fmt: skip
         stats = measured.stats
         whitenings = [whiten(s, center, abs_threshold, rel_threshold, name) for s, name in zip(stats, names)]
         bases = initial_bases(kinds, names, stats, whitenings, rotate_final)

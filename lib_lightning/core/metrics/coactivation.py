@@ -18,7 +18,9 @@ __all__ = [
     "coactivation_groups",
     "coactivation_signature_update",
     "example_weights",
+    "CoactivationSums",
     "relu_coactivation",
+    "relu_signature_update",
 ]
 
 
@@ -201,6 +203,49 @@ def _merge_run(units: list[int], signature: torch.Tensor, count: torch.Tensor, r
             reps.append(u)
 
 
+def relu_signature_update(acts: torch.Tensor, example_index: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`coactivation_signature_update` of one batch of ReLU outputs ``(batch, ...)``: a unit (every
+    position and neuron) is active on an example where its output is > 0.
+
+    Returns:
+        ``signature`` ``(units, 2)`` and ``count`` ``(units,)``, float64, on the CPU.
+    """
+    batch = acts.shape[0]
+    active = (acts > 0).reshape(batch, -1).cpu()  # (batch, pos * d)
+    return coactivation_signature_update(active, example_index.cpu(), seed)
+
+
+class CoactivationSums:
+    """Running (signature, count) sums of several ReLU layers over this process's examples, batch by
+    batch, and their co-firing groups once reduced across processes."""
+
+    def __init__(self, n_layers: int, seed: int) -> None:
+        self.seed, self.n_examples = seed, 0
+        self.sums: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
+
+    def update(self, acts: Sequence[torch.Tensor], example_index: torch.Tensor) -> None:
+        """Adds one batch: ``acts`` the layers' outputs ``(batch, ...)``, ``example_index`` ``(batch,)``."""
+        if len(acts) != len(self.sums):
+            raise ValueError(f"expected the outputs of {len(self.sums)} layer(s), got {len(acts)}")
+        for i, a in enumerate(acts):
+            sig, count = relu_signature_update(a, example_index, self.seed)
+            self.sums[i] = (sig, count) if self.sums[i] is None else (self.sums[i][0] + sig, self.sums[i][1] + count)
+        self.n_examples += len(example_index)
+
+    def groups(self, device: torch.device, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """The co-firing groups of each layer, the sums reduced by ``reduce`` (on ``device``, the one the
+        reduction needs); every process calls it, with or without examples of its own."""
+        reduce = reduce or (lambda t: t)
+        n = int(reduce(torch.tensor(float(self.n_examples), dtype=torch.float64, device=device)).item())
+        groups = []
+        for part in self.sums:
+            if part is None:
+                raise ValueError("relu_coactivation needs at least one batch")
+            sig, count = (reduce(t.to(device)).cpu() for t in part)
+            groups.append(coactivation_groups(sig, count, n))
+        return groups
+
+
 def relu_coactivation(
     model: nn.Module,
     layers: Sequence[NodeLayer],
@@ -216,25 +261,13 @@ def relu_coactivation(
     ``example_index`` gives the dataset index of each example, in batch order; ``reduce`` sums the
     partial signatures and counts across processes (each process passing its own shard).
     """
-    reduce = reduce or (lambda t: t)
-    sums: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(layers)
+    sums = CoactivationSums(len(layers), seed)
     offset, device = 0, example_index.device
     with torch.no_grad():
         for inputs in batches:
             acts = capture(model, list(layers), inputs, forward)
             batch = acts[0].shape[0]
-            ids = example_index[offset : offset + batch].cpu()
+            sums.update(acts, example_index[offset : offset + batch])
             offset += batch
             device = acts[0].device
-            for i, a in enumerate(acts):
-                active = (a > 0).reshape(batch, -1).cpu()  # (batch, pos * d)
-                sig, count = coactivation_signature_update(active, ids, seed)
-                sums[i] = (sig, count) if sums[i] is None else (sums[i][0] + sig, sums[i][1] + count)
-    n = int(reduce(torch.tensor(float(len(example_index)), dtype=torch.float64, device=device)).item())
-    groups = []
-    for part in sums:
-        if part is None:
-            raise ValueError("relu_coactivation needs at least one batch")
-        sig, count = (reduce(t.to(device)).cpu() for t in part)
-        groups.append(coactivation_groups(sig, count, n))
-    return groups
+    return sums.groups(device, reduce)

@@ -240,3 +240,20 @@ def test_relu_coactivation_on_a_model_over_batches_and_shards():
     calls = iter(totals)
     (merged,) = relu_coactivation(model, layer, [x[shards[0]]], shards[0], seed=3, reduce=lambda t: next(calls))
     assert merged.to_dict() == whole.to_dict()
+
+
+def test_coactivation_sums_of_batches_in_any_order_equal_one_batch_and_check_the_layers():
+    from lib_lightning.core.metrics.coactivation import CoactivationSums
+
+    gen = torch.Generator().manual_seed(2)
+    acts = torch.randn(30, 2, 4, generator=gen, dtype=torch.float64)  # (batch, pos, d)
+    acts[:, 0, 1] = acts[:, 1, 3].abs() + 1  # unit (0, 1) always fires
+    index = torch.arange(100, 130)
+    whole, parts = CoactivationSums(1, seed=5), CoactivationSums(1, seed=5)
+    whole.update([acts], index)
+    for rows in (slice(20, 30), slice(0, 7), slice(7, 20)):
+        parts.update([acts[rows]], index[rows])
+    (a,), (b,) = whole.groups(torch.device("cpu")), parts.groups(torch.device("cpu"))
+    assert a.to_dict() == b.to_dict() and a.n_always >= 1 and parts.n_examples == 30
+    with pytest.raises(ValueError, match=r"expected the outputs of 1 layer\(s\), got 2"):
+        whole.update([acts, acts], index)
