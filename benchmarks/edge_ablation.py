@@ -1,15 +1,18 @@
-"""Edge ablation of the modular-addition transformer: one section run per distinct mask against masks
-stacked along the batch dimension (``edge_ablation(..., max_rows=1)`` against the default budget).
+"""Edge and node ablation of the modular-addition transformer: the path before (every k on its own,
+``reuse=False``, the budget ``max_rows=2048`` of main before issue 16's second round) against the default
+(layer l captured once, row masks reused across the search, masks stacked over slices of the batch,
+affine sections and an affine rest of the model as contractions).
 
 Node layers after the embeddings (3 positions), after attention, after the MLP and the logits (last
 position); float64; LIB and PCA graphs built on ``--n-graph`` examples; the ablation data are
 ``--n-data`` other examples labelled with the model's own predictions (baseline accuracy 1, so that the
 search has something to keep). Both paths run on the same graphs and data, alternating within each
-repeat; the script checks that they give the same edges required and accuracies, and reports the
-largest loss difference.
+repeat; the script checks that they give the same edges (features) required and accuracies, and
+reports the largest relative loss difference.
 
     python benchmarks/edge_ablation.py --repeats 3 --threads 1
     python benchmarks/edge_ablation.py --ckpt checkpoints/modadd/version_0/checkpoints/last.ckpt
+    python benchmarks/edge_ablation.py --node --repeats 3            # node ablation, every layer
 """
 
 from __future__ import annotations
@@ -37,8 +40,66 @@ def _timed(fn):
     return time.perf_counter() - start, result
 
 
-def main() -> None:
+def _runs(times: list[float]) -> str:
+    return f"{statistics.median(times):.2f} ({', '.join(f'{t:.2f}' for t in times)})"
+
+
+def ratio(medians: tuple[float, float]) -> float:
+    return medians[0] / medians[1]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs() / a.abs().clamp_min(1e-300)).max().item()
+
+
+def _edges(model, graphs, data, args) -> list[tuple[float, float]]:
     from lib_lightning.core.interpret.edge_ablation import edge_ablation
+
+    print("| graph | section | edges | required (old, new) | same accuracies | max rel. loss diff | old s (runs) "
+          "| new s (runs) | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    ratios = []
+    for kind, graph in graphs.items():
+        for sec in args.sections:
+            old_times, new_times = [], []
+            for _ in range(args.repeats):
+                t_old, old = _timed(lambda: edge_ablation(model, graph, sec, data, max_rows=2048, reuse=False))
+                t_new, new = _timed(lambda: edge_ablation(model, graph, sec, data))
+                old_times.append(t_old)
+                new_times.append(t_new)
+            same = torch.equal(old.ks, new.ks) and torch.equal(old.accuracy, new.accuracy)
+            diff = _rel(old.loss, new.loss) if torch.equal(old.ks, new.ks) else float("nan")
+            ratios.append((statistics.median(old_times), statistics.median(new_times)))
+            print(f"| {kind} | {old.section} | {old.n_edges} | {old.n_required}, {new.n_required} | {same} "
+                  f"| {diff:.1e} | {_runs(old_times)} | {_runs(new_times)} | {ratio(ratios[-1]):.1f}x |", flush=True)
+    return ratios
+
+
+def _nodes(model, graphs, data, args) -> list[tuple[float, float]]:
+    from lib_lightning.core.interpret.ablation import node_ablation, smallest_passing
+
+    print("| graph | layer | ks | required (old, new) | same accuracies | max rel. loss diff | old s (runs) "
+          "| new s (runs) | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    ratios = []
+    for kind, graph in graphs.items():
+        for layer in range(len(graph.layers) - 1):
+            old_times, new_times = [], []
+            for _ in range(args.repeats):
+                t_old, (old,) = _timed(lambda: node_ablation(model, graph, data, layers=[layer], reuse=False))
+                t_new, (new,) = _timed(lambda: node_ablation(model, graph, data, layers=[layer]))
+                old_times.append(t_old)
+                new_times.append(t_new)
+            same = torch.equal(old.ks, new.ks) and torch.equal(old.accuracy, new.accuracy)
+            required = [smallest_passing(c.ks, c.accuracy, c.baseline_accuracy - 1e-3) for c in (old, new)]
+            ratios.append((statistics.median(old_times), statistics.median(new_times)))
+            print(f"| {kind} | {old.layer} | {len(old.ks)} | {required[0]}, {required[1]} | {same} "
+                  f"| {_rel(old.loss, new.loss):.1e} | {_runs(old_times)} | {_runs(new_times)} | {ratio(ratios[-1]):.1f}x |",
+                  flush=True)
+    return ratios
+
+
+def main() -> None:
     from lib_lightning.core.lib import build_graphs
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -48,7 +109,7 @@ def main() -> None:
     parser.add_argument("--n-data", type=int, default=256, help="held-out examples of the ablation")
     parser.add_argument("--batch", type=int, default=256, help="examples per batch of the ablation data")
     parser.add_argument("--sections", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--max-rows", type=int, default=2048, help="the stacked path's budget (examples x masks)")
+    parser.add_argument("--node", action="store_true", help="node ablation (every layer) instead of edge ablation")
     parser.add_argument("--ckpt", default=None, help="a Lightning checkpoint of the main job (default: untrained)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -58,27 +119,10 @@ def main() -> None:
     with torch.no_grad():
         labels = model(tokens).argmax(-1)
     data = [(tokens[i:i + args.batch], labels[i:i + args.batch]) for i in range(0, len(tokens), args.batch)]
-
-    print("| graph | section | edges | required (old, new) | same accuracies | max loss diff | old s (runs) "
-          "| new s (runs) | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    ratios = []
-    for kind, graph in graphs.items():
-        for sec in args.sections:
-            old_times, new_times = [], []
-            for _ in range(args.repeats):
-                t_old, old = _timed(lambda: edge_ablation(model, graph, sec, data, max_rows=1))
-                t_new, new = _timed(lambda: edge_ablation(model, graph, sec, data, max_rows=args.max_rows))
-                old_times.append(t_old)
-                new_times.append(t_new)
-            same = torch.equal(old.ks, new.ks) and torch.equal(old.accuracy, new.accuracy)
-            diff = (old.loss - new.loss).abs().max().item() if torch.equal(old.ks, new.ks) else float("nan")
-            ratio = statistics.median(old_times) / statistics.median(new_times)
-            ratios.append(ratio)
-            runs = lambda ts: f"{statistics.median(ts):.2f} ({', '.join(f'{t:.2f}' for t in ts)})"
-            print(f"| {kind} | {old.section} | {old.n_edges} | {old.n_required}, {new.n_required} | {same} "
-                  f"| {diff:.1e} | {runs(old_times)} | {runs(new_times)} | {ratio:.1f}x |", flush=True)
-    print(f"median ratio over graphs and sections: {statistics.median(ratios):.1f}x")
+    medians = (_nodes if args.node else _edges)(model, graphs, data, args)
+    old, new = sum(m[0] for m in medians), sum(m[1] for m in medians)
+    print(f"total of the medians: old {old:.2f} s, new {new:.2f} s, {old / new:.1f}x; "
+          f"median ratio {statistics.median(o / n for o, n in medians):.1f}x")
 
 
 if __name__ == "__main__":

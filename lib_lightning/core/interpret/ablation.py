@@ -200,8 +200,7 @@ def _node_sums(section: Section, basis: LayerBasis, inputs: Any, labels: torch.T
     """One batch: ``(loss_sum, correct_sum, count)`` with the layer projected onto its first k features,
     for each k < d_lib of ``ks``; several ks share one forward of the rest of the model where ``stacked``."""
     if affine is not None:
-        return [evaluation_update(affine.a0 + torch.tensordot(feats[..., :k], affine.A[:, :k], dims=([1, 2], [0, 1])),
-                                  labels) for k in ks]
+        return [evaluation_update(affine(feats, k), labels) for k in ks]
     batch = feats.shape[0]
     examples, copies = row_plan(batch, len(ks), max_rows) if stacked else (batch, 1)
     sums = [torch.zeros(3, dtype=torch.float64) for _ in ks]

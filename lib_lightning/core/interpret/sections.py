@@ -160,14 +160,19 @@ class AffineMap:
     a0: torch.Tensor
     A: torch.Tensor
 
-    def __call__(self, feats: torch.Tensor) -> torch.Tensor:
-        """``(batch, pos_in, k_in)`` -> ``(batch, *out)``."""
-        return self.a0 + torch.tensordot(feats.to(self.A.dtype), self.A, dims=([1, 2], [0, 1]))
+    def __call__(self, feats: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """``(batch, pos_in, k_in)`` -> ``(batch, *out)``, in the wider of the two dtypes; ``k``: only the
+        first k input features count (the rest taken as zero)."""
+        dtype = torch.promote_types(feats.dtype, self.A.dtype)
+        A = self.A if k is None else self.A[:, :k]
+        feats = feats if k is None else feats[..., :k]
+        return self.a0.to(dtype) + torch.tensordot(feats.to(dtype), A.to(dtype), dims=([1, 2], [0, 1]))
 
     def bound(self, feats: torch.Tensor) -> torch.Tensor:
         """The largest ``|a0| + Σ |f A|``: the scale of the rounding error of a real forward and of this map."""
-        terms = torch.tensordot(feats.to(self.A.dtype).abs(), self.A.abs(), dims=([1, 2], [0, 1]))
-        return (self.a0.abs() + terms).max()
+        dtype = torch.promote_types(feats.dtype, self.A.dtype)
+        terms = torch.tensordot(feats.to(dtype).abs(), self.A.to(dtype).abs(), dims=([1, 2], [0, 1]))
+        return (self.a0.to(dtype).abs() + terms).max()
 
 
 def affine_map(section: Section, inputs: Any, feats: torch.Tensor, basis: LayerBasis,
@@ -201,7 +206,7 @@ def affine_holds(section: Section, inputs: Any, feats: torch.Tensor, basis: Laye
     for mask in masks:
         masked = feats * mask.to(feats.dtype)
         real = read(section.run(inputs, basis.reconstruct(masked), 1, stacked=False))
-        if not _agree(affine(masked), real, affine.bound(masked)):
+        if not _agree(affine(masked).to(real.dtype), real, affine.bound(masked)):
             return False
     return True
 

@@ -175,3 +175,22 @@ def test_node_ablation_bad_max_rows():
     graphs, x = _graphs(model)
     with pytest.raises(ValueError, match="max_rows must be an int >= 1"):
         node_ablation(model, graphs["lib"], _labelled(model, x), max_rows=0)
+
+
+def test_float32_evaluation_matches_the_path_before():
+    """The main job analyses in float32: the affine maps come from float32 outputs, the features are float64."""
+    model = MLP(seed=3)
+    graphs, x = _graphs(model)
+    data = _labelled(model, x)
+    for g in graphs.values():
+        old = node_ablation(model, g, data, dtype=torch.float32, reuse=False)
+        new = node_ablation(model, g, data, dtype=torch.float32)
+        for a, b in zip(old, new, strict=True):
+            assert torch.equal(a.accuracy, b.accuracy)
+            torch.testing.assert_close(b.loss, a.loss, rtol=1e-5, atol=0)
+        for sec in range(3):
+            a = edge_ablation(model, g, sec, data, ks=[4, 9], dtype=torch.float32, reuse=False, max_rows=1)
+            b = edge_ablation(model, g, sec, data, ks=[4, 9], dtype=torch.float32)
+            assert (a.n_required, a.reached) == (b.n_required, b.reached) and torch.equal(a.ks, b.ks)
+            assert torch.equal(a.accuracy, b.accuracy)
+            torch.testing.assert_close(b.loss, a.loss, rtol=1e-5, atol=0)
