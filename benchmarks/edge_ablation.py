@@ -94,7 +94,8 @@ def _nodes(model, graphs, data, args) -> list[tuple[float, float]]:
             required = [smallest_passing(c.ks, c.accuracy, c.baseline_accuracy - 1e-3) for c in (old, new)]
             ratios.append((statistics.median(old_times), statistics.median(new_times)))
             print(f"| {kind} | {old.layer} | {len(old.ks)} | {required[0]}, {required[1]} | {same} "
-                  f"| {_rel(old.loss, new.loss):.1e} | {_runs(old_times)} | {_runs(new_times)} | {ratio(ratios[-1]):.1f}x |",
+                  f"| {_rel(old.loss, new.loss):.1e} | {_runs(old_times)} | {_runs(new_times)} "
+                  f"| {ratio(ratios[-1]):.1f}x |",
                   flush=True)
     return ratios
 

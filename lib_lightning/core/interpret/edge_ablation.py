@@ -18,7 +18,9 @@ from lib_lightning.core.interpret.ablation import (
     Data, Evaluation, check_data, evaluate, evaluation_update, substitute,
 )
 from lib_lightning.core.interpret.edge_columns import ColumnCache, affine_columns, new_columns
-from lib_lightning.core.interpret.sections import AffineMap, Section, identity, probe_masks, section_mode, stacking_holds
+from lib_lightning.core.interpret.sections import (
+    AffineMap, Section, identity, probe_masks, section_mode, stacking_holds,
+)
 from lib_lightning.core.lib.basis import LayerBasis
 from lib_lightning.core.lib.capture import Forward, NodeLayer, capture, default_forward
 from lib_lightning.core.lib.graph import InteractionGraph

@@ -27,7 +27,10 @@ from lib_lightning.core.lib.basis import LayerBasis
 from lib_lightning.core.lib.capture import Forward, NodeLayer, resolve_modules, run_section, substituted
 from lib_lightning.core.lib.nodes import register_hook
 
-__all__ = ["Section", "AffineMap", "row_plan", "stacking_holds", "affine_map", "affine_holds", "probe_masks", "section_mode", "identity"]
+__all__ = [
+    "Section", "AffineMap", "row_plan", "stacking_holds", "affine_map", "affine_holds", "probe_masks", "section_mode",
+    "identity",
+]
 
 ULP_TOLERANCE = 1e3  # agreement required by the probes, in units of the dtype's eps
 
@@ -124,10 +127,13 @@ def probe_masks(k_in: int, seed: int = 0) -> torch.Tensor:
     return masks
 
 
-def _agree(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor | float) -> bool:
+def _agree(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor | float,
+           dtype: torch.dtype | None = None) -> bool:
+    """``got`` equals ``want`` to 1000 ulp of ``dtype`` (default ``want``'s: the precision the model ran in)
+    relative to ``scale``."""
     if got.shape != want.shape:
         return False
-    rtol = ULP_TOLERANCE * torch.finfo(want.dtype).eps
+    rtol = ULP_TOLERANCE * torch.finfo(dtype or want.dtype).eps
     return bool(((got - want).abs().max() <= rtol * max(float(scale), torch.finfo(want.dtype).tiny)).item())
 
 
@@ -201,12 +207,13 @@ def affine_map(section: Section, inputs: Any, feats: torch.Tensor, basis: LayerB
 def affine_holds(section: Section, inputs: Any, feats: torch.Tensor, basis: LayerBasis, affine: AffineMap,
                  read: Callable[[torch.Tensor], torch.Tensor], masks: torch.Tensor) -> bool:
     """Whether ``affine`` reproduces the section's real forward on ``inputs`` with the input features
-    ``feats`` ``(batch, pos_in, k_in)`` masked by each of ``masks`` ``(m, k_in)``, to 1000 ulp of
-    :meth:`AffineMap.bound`."""
+    ``feats`` ``(batch, pos_in, k_in)`` masked by each of ``masks`` ``(m, k_in)``, to 1000 ulp of the
+    precision the model ran in, relative to :meth:`AffineMap.bound`."""
     for mask in masks:
         masked = feats * mask.to(feats.dtype)
-        real = read(section.run(inputs, basis.reconstruct(masked), 1, stacked=False))
-        if not _agree(affine(masked).to(real.dtype), real, affine.bound(masked)):
+        raw = section.run(inputs, basis.reconstruct(masked), 1, stacked=False)
+        real = read(raw)
+        if not _agree(affine(masked).to(real.dtype), real, affine.bound(masked), raw.dtype):
             return False
     return True
 
