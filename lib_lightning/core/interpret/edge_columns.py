@@ -65,19 +65,21 @@ def _group(mask: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, list[t
 def _batch_columns(section: Section, stacked: bool, basis_in: LayerBasis, basis_out: LayerBasis, inputs: Any,
                    feats: torch.Tensor, groups: torch.Tensor, members: list[torch.Tensor], max_rows: int):
     """One batch: for each group, the output features of its member rows ``(batch, pos_out, members)``."""
-    batch, pos_in, k_in = feats.shape
+    batch = feats.shape[0]
     n_groups = groups.shape[0]
     examples, copies = row_plan(batch, n_groups, max_rows) if stacked else (batch, 1)
+    kept = [torch.nonzero(g).squeeze(1) for g in groups]  # the input features of each mask
+    directions = [basis_in.basis_pinv[cols, :-1] for cols in kept]  # (kept, d_in) rows of C⁺
     parts: list[list[torch.Tensor]] = [[] for _ in range(n_groups)]
     for first in range(0, batch, examples):
         part = inputs if examples >= batch else nested.select(inputs, slice(first, first + examples))
         f = feats[first:first + examples]  # (e, pos_in, k_in)
         e = f.shape[0]
         for start in range(0, n_groups, copies):
-            chunk = groups[start:start + copies]  # (c, k_in)
-            c = chunk.shape[0]
-            masked = (f.unsqueeze(0) * chunk[:, None, None, :].to(f.dtype)).reshape(c * e, pos_in, k_in)
-            out = section.run(part, basis_in.reconstruct(masked), c, stacked)  # (c * e, pos_out, d_out)
+            c = min(copies, n_groups - start)
+            # (f̂ ⊙ m) C⁺ from the kept features alone: masks of a search step keep few of them
+            acts = torch.cat([f[..., kept[g]] @ directions[g] for g in range(start, start + c)])  # (c * e, pos_in, d)
+            out = section.run(part, acts, c, stacked)  # (c * e, pos_out, d_out)
             out = augment(out.to(basis_out.basis.dtype)).reshape(c, e, *out.shape[1:-1], -1)
             for j in range(c):
                 parts[start + j].append(out[j] @ basis_out.basis[:, members[start + j]])  # (e, pos_out, m)
