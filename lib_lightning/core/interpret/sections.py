@@ -29,7 +29,7 @@ from lib_lightning.core.lib.nodes import register_hook
 
 __all__ = [
     "Section", "AffineMap", "row_plan", "stacking_holds", "affine_map", "affine_holds", "probe_masks", "section_mode",
-    "identity",
+    "identity", "single_runs",
 ]
 
 ULP_TOLERANCE = 1e3  # agreement required by the probes, in units of the dtype's eps
@@ -137,14 +137,23 @@ def _agree(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor | float,
     return bool(((got - want).abs().max() <= rtol * max(float(scale), torch.finfo(want.dtype).tiny)).item())
 
 
-def stacking_holds(section: Section, inputs: Any, acts: torch.Tensor, examples: int) -> bool:
-    """Whether one stacked forward of the copies ``acts`` ``(c, batch, pos_in, d_in)`` on the first
-    ``examples`` examples agrees with one forward per copy on the whole batch (to 1000 ulp of the model's
-    dtype, relative to the largest output); False also when the stacked forward fails on this model (it
-    reads a batch-sized tensor across the section, or one from another example)."""
+def single_runs(section: Section, inputs: Any, acts: torch.Tensor) -> torch.Tensor:
+    """``(c, batch, ...)``: the section's output for each copy of ``acts`` ``(c, batch, pos_in, d_in)``, one
+    forward each (the reference the probes compare with)."""
     c, batch = acts.shape[:2]
     single = section.run(inputs, acts.reshape(c * batch, *acts.shape[2:]), c, stacked=False)
-    single = single.reshape(c, batch, *single.shape[1:])[:, :examples]  # (c, examples, ...)
+    return single.reshape(c, batch, *single.shape[1:])
+
+
+def stacking_holds(section: Section, inputs: Any, acts: torch.Tensor, examples: int,
+                   single: torch.Tensor | None = None) -> bool:
+    """Whether one stacked forward of the copies ``acts`` ``(c, batch, pos_in, d_in)`` on the first
+    ``examples`` examples agrees with one forward per copy on the whole batch (``single``, computed when
+    not given) to 1000 ulp of the model's dtype, relative to the largest output; False also when the
+    stacked forward fails on this model (it reads a batch-sized tensor across the section, or one from
+    another example)."""
+    c, batch = acts.shape[:2]
+    single = (single_runs(section, inputs, acts) if single is None else single)[:, :examples]  # (c, examples, ...)
     part = inputs if examples == batch else nested.select(inputs, slice(0, examples))
     try:
         stacked = section.run(part, acts[:, :examples].reshape(c * examples, *acts.shape[2:]), c, stacked=True)
@@ -205,15 +214,18 @@ def affine_map(section: Section, inputs: Any, feats: torch.Tensor, basis: LayerB
 
 
 def affine_holds(section: Section, inputs: Any, feats: torch.Tensor, basis: LayerBasis, affine: AffineMap,
-                 read: Callable[[torch.Tensor], torch.Tensor], masks: torch.Tensor) -> bool:
-    """Whether ``affine`` reproduces the section's real forward on ``inputs`` with the input features
-    ``feats`` ``(batch, pos_in, k_in)`` masked by each of ``masks`` ``(m, k_in)``, to 1000 ulp of the
-    precision the model ran in, relative to :meth:`AffineMap.bound`."""
-    for mask in masks:
-        masked = feats * mask.to(feats.dtype)
-        raw = section.run(inputs, basis.reconstruct(masked), 1, stacked=False)
+                 read: Callable[[torch.Tensor], torch.Tensor], masks: torch.Tensor,
+                 single: torch.Tensor | None = None) -> bool:
+    """Whether ``affine`` reproduces the section's real forward on ``inputs`` (``single``
+    ``(m, batch, ...)``, computed when not given) with the input features ``feats``
+    ``(batch, pos_in, k_in)`` masked by each of ``masks`` ``(m, k_in)``, to 1000 ulp of the precision the
+    model ran in, relative to :meth:`AffineMap.bound`."""
+    masked = feats.unsqueeze(0) * masks[:, None, None, :].to(feats.dtype)  # (m, batch, pos_in, k_in)
+    if single is None:
+        single = single_runs(section, inputs, basis.reconstruct(masked))
+    for raw, m in zip(single, masked):
         real = read(raw)
-        if not _agree(affine(masked).to(real.dtype), real, affine.bound(masked), raw.dtype):
+        if not _agree(affine(m).to(real.dtype), real, affine.bound(m), raw.dtype):
             return False
     return True
 
@@ -232,9 +244,11 @@ def section_mode(section: Section, basis: LayerBasis, inputs: Any, feats: torch.
     inputs = inputs if n == feats.shape[0] else nested.select(inputs, slice(0, n))
     feats = feats[:n]
     masked = feats.unsqueeze(0) * masks[:, None, None, :].to(feats.dtype)  # (m, n, pos_in, k_in)
-    if not stacking_holds(section, inputs, basis.reconstruct(masked), max(1, n // 2)):
+    acts = basis.reconstruct(masked)
+    single = single_runs(section, inputs, acts)  # (m, n, ...): the reference of both probes
+    if not stacking_holds(section, inputs, acts, max(1, n // 2), single):
         return False, None  # the model reads batch-sized tensors across the section: one forward per copy
     affine = affine_map(section, inputs, feats, basis, read, max_rows)
-    if affine is None or not affine_holds(section, inputs, feats, basis, affine, read, masks):
+    if affine is None or not affine_holds(section, inputs, feats, basis, affine, read, masks, single):
         return True, None
     return True, affine
