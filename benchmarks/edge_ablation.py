@@ -52,52 +52,61 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs() / a.abs().clamp_min(1e-300)).max().item()
 
 
+HEADER = "| graph | {what} | {size} | required (old, new) | same accuracies | max rel. loss diff | old s (runs) " \
+         "| new s (runs) | ratio |\n|---|---|---|---|---|---|---|---|---|"
+
+
+def _side_by_side(cases, repeats: int) -> list[tuple[float, float]]:
+    """Times ``(label, old(), new(), describe(old, new))`` cases, old then new within each repeat; prints a
+    table row per case and returns the median times."""
+    medians = []
+    for label, run_old, run_new, describe in cases:
+        old_times, new_times = [], []
+        for _ in range(repeats):
+            t_old, old = _timed(run_old)
+            t_new, new = _timed(run_new)
+            old_times.append(t_old)
+            new_times.append(t_new)
+        medians.append((statistics.median(old_times), statistics.median(new_times)))
+        same = torch.equal(old.ks, new.ks) and torch.equal(old.accuracy, new.accuracy)
+        diff = _rel(old.loss, new.loss) if torch.equal(old.ks, new.ks) else float("nan")
+        print(f"| {label} | {describe(old, new)} | {same} | {diff:.1e} | {_runs(old_times)} | {_runs(new_times)} "
+              f"| {ratio(medians[-1]):.1f}x |", flush=True)
+    return medians
+
+
 def _edges(model, graphs, data, args) -> list[tuple[float, float]]:
     from lib_lightning.core.interpret.edge_ablation import edge_ablation
 
-    print("| graph | section | edges | required (old, new) | same accuracies | max rel. loss diff | old s (runs) "
-          "| new s (runs) | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    ratios = []
-    for kind, graph in graphs.items():
-        for sec in args.sections:
-            old_times, new_times = [], []
-            for _ in range(args.repeats):
-                t_old, old = _timed(lambda: edge_ablation(model, graph, sec, data, max_rows=2048, reuse=False))
-                t_new, new = _timed(lambda: edge_ablation(model, graph, sec, data))
-                old_times.append(t_old)
-                new_times.append(t_new)
-            same = torch.equal(old.ks, new.ks) and torch.equal(old.accuracy, new.accuracy)
-            diff = _rel(old.loss, new.loss) if torch.equal(old.ks, new.ks) else float("nan")
-            ratios.append((statistics.median(old_times), statistics.median(new_times)))
-            print(f"| {kind} | {old.section} | {old.n_edges} | {old.n_required}, {new.n_required} | {same} "
-                  f"| {diff:.1e} | {_runs(old_times)} | {_runs(new_times)} | {ratio(ratios[-1]):.1f}x |", flush=True)
-    return ratios
+    def case(kind, graph, sec):
+        def run(**kw):
+            return lambda: edge_ablation(model, graph, sec, data, dtype=args.dtype, **kw)
+
+        def describe(old, new):
+            return f"{old.section} | {old.n_edges} | {old.n_required}, {new.n_required}"
+
+        return kind, run(max_rows=2048, reuse=False), run(), describe
+
+    print(HEADER.format(what="section", size="edges"))
+    return _side_by_side([case(k, g, sec) for k, g in graphs.items() for sec in args.sections], args.repeats)
 
 
 def _nodes(model, graphs, data, args) -> list[tuple[float, float]]:
     from lib_lightning.core.interpret.ablation import node_ablation, smallest_passing
 
-    print("| graph | layer | ks | required (old, new) | same accuracies | max rel. loss diff | old s (runs) "
-          "| new s (runs) | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    ratios = []
-    for kind, graph in graphs.items():
-        for layer in range(len(graph.layers) - 1):
-            old_times, new_times = [], []
-            for _ in range(args.repeats):
-                t_old, (old,) = _timed(lambda: node_ablation(model, graph, data, layers=[layer], reuse=False))
-                t_new, (new,) = _timed(lambda: node_ablation(model, graph, data, layers=[layer]))
-                old_times.append(t_old)
-                new_times.append(t_new)
-            same = torch.equal(old.ks, new.ks) and torch.equal(old.accuracy, new.accuracy)
+    def case(kind, graph, layer):
+        def run(**kw):
+            return lambda: node_ablation(model, graph, data, layers=[layer], dtype=args.dtype, **kw)[0]
+
+        def describe(old, new):
             required = [smallest_passing(c.ks, c.accuracy, c.baseline_accuracy - 1e-3) for c in (old, new)]
-            ratios.append((statistics.median(old_times), statistics.median(new_times)))
-            print(f"| {kind} | {old.layer} | {len(old.ks)} | {required[0]}, {required[1]} | {same} "
-                  f"| {_rel(old.loss, new.loss):.1e} | {_runs(old_times)} | {_runs(new_times)} "
-                  f"| {ratio(ratios[-1]):.1f}x |",
-                  flush=True)
-    return ratios
+            return f"{old.layer} | {len(old.ks)} | {required[0]}, {required[1]}"
+
+        return kind, run(reuse=False), run(), describe
+
+    print(HEADER.format(what="layer", size="ks"))
+    layers = range(len(LAYERS) - 1)  # the logits are not ablated
+    return _side_by_side([case(k, g, layer) for k, g in graphs.items() for layer in layers], args.repeats)
 
 
 def main() -> None:
@@ -111,9 +120,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256, help="examples per batch of the ablation data")
     parser.add_argument("--sections", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--node", action="store_true", help="node ablation (every layer) instead of edge ablation")
+    parser.add_argument("--dtype", default="float64", choices=["float64", "float32"],
+                        help="precision of the evaluation (the main job's analysis: float32)")
     parser.add_argument("--ckpt", default=None, help="a Lightning checkpoint of the main job (default: untrained)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    args.dtype = getattr(torch, args.dtype)
 
     model, graph_tokens, tokens = _model_and_data(args.n_graph, args.n_data, args.ckpt)
     graphs = build_graphs(model.double(), LAYERS, [graph_tokens], kinds=("lib", "pca"))
