@@ -282,7 +282,8 @@ def test_edge_ablation_stacked_masks_multi_position_transformer():
             _assert_same_result(old, edge_ablation(model, g, sec, data, ks=ks))
 
 
-def test_edge_ablation_falls_back_when_the_section_reads_earlier_batch_tensors():
+def _gated_case():
+    """The gated MLP, its LIB graph, and 64 held-out ``{"x", "attention_mask"}`` inputs with labels."""
     model = _GatedMLP(seed=3)
 
     def gated(x):
@@ -292,6 +293,11 @@ def test_edge_ablation_falls_back_when_the_section_reads_earlier_batch_tensors()
     val = gated(mlp_inputs(n=64, seed=7))
     with torch.no_grad():
         data = [(val, _noisy_labels(model(val), seed=3))]
+    return model, g, data
+
+
+def test_edge_ablation_falls_back_when_the_section_reads_earlier_batch_tensors():
+    model, g, data = _gated_case()
     old = edge_ablation(model, g, 1, data, ks=[4, 9], max_rows=1, reuse=False)
     _assert_same_result(old, edge_ablation(model, g, 1, data, ks=[4, 9]))
 

@@ -15,7 +15,7 @@ from lib_lightning.core.interpret.sections import (
 )
 from lib_lightning.core.lib import build_graphs
 from lib_lightning.core.lib.capture import NodeLayer, capture, default_forward
-from tests.core.interpret.test_ablation import LAYERS, _GatedMLP, _assert_same_result, _counting, _tiny_transformer
+from tests.core.interpret.test_ablation import LAYERS, _assert_same_result, _counting, _gated_case, _tiny_transformer
 from tests.core.models import MLP, mlp_inputs
 
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -90,13 +90,8 @@ def test_affine_probe_accepts_linear_sections_and_rejects_relu():
 
 
 def test_stacking_probe_refuses_a_model_that_reads_context_across_the_section():
-    model = _GatedMLP(seed=3)
-
-    def gated(x):
-        return {"x": x, "attention_mask": (x[:, :1] > -0.5).to(x.dtype)}  # (batch, 1)
-
-    g = build_graphs(model, LAYERS, [gated(mlp_inputs(n=240))], kinds=("lib",))["lib"]
-    val = gated(mlp_inputs(n=64, seed=7))
+    model, g, data = _gated_case()
+    val = data[0][0]
     section = Section(model, default_forward, NodeLayer("h0"), NodeLayer("h1"))
     with torch.no_grad():
         feats = g.layers[1].transform(capture(model, [section.layer_in], val)[0])
@@ -105,8 +100,6 @@ def test_stacking_probe_refuses_a_model_that_reads_context_across_the_section():
         assert section_mode(section, g.layers[1], val, feats, g.layers[2].transform,
                             probe_masks(g.layers[1].d_lib), 4096) == (False, None)
     # node ablation of h0 falls back to one forward per k, with the same result
-    with torch.no_grad():
-        data = [(val, model(val).argmax(-1))]
     old = node_ablation(model, g, data, layers=[1], reuse=False)[0]
     new = node_ablation(model, g, data, layers=[1])[0]
     assert torch.equal(old.accuracy, new.accuracy)
