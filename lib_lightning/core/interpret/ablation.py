@@ -242,7 +242,7 @@ def node_ablation(
     dense_up_to: int = 10,
     base: float = 1.05,
     dtype: torch.dtype | None = torch.float64,
-    max_rows: int = 4096,
+    max_rows: int = 2048,
     reuse: bool = True,
 ) -> list[NodeAblation]:
     """Accuracy and loss with each node layer projected onto its first k features (LIB_SPEC.md §7).

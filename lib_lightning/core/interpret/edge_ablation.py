@@ -192,7 +192,7 @@ def edge_ablation(
     tolerance: float = 1e-3,
     ks: Sequence[int] = (),
     dtype: torch.dtype | None = torch.float64,
-    max_rows: int = 4096,
+    max_rows: int = 2048,
     reuse: bool = True,
 ) -> EdgeAblation:
     """The fewest strongest edges of one section that keep accuracy within ``tolerance`` (LIB_SPEC.md §5).
