@@ -112,5 +112,5 @@ def affine_columns(affine: AffineMap, feats: torch.Tensor, mask: torch.Tensor) -
     """``(batch, pos_out, k_out)``: the output features of an affine section, row i with its inputs masked
     by row i of ``mask`` ``(k_out, k_in)``: ``a0[q,i] + Σ_{p,j} f[b,p,j] m[i,j] A[p,j,q,i]``."""
     dtype = torch.promote_types(feats.dtype, affine.A.dtype)
-    weights = affine.A.to(dtype) * mask.T.to(dtype)[None, :, None, :]  # (pos_in, k_in, pos_out, k_out)
+    weights = affine.A.to(dtype) * mask.T.to(affine.A.device, dtype)[None, :, None, :]  # (pos_in, k_in, pos_out, k_out)
     return affine.a0.to(dtype) + torch.einsum("bpj,pjqi->bqi", feats.to(dtype), weights)

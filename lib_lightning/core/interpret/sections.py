@@ -199,7 +199,7 @@ def affine_map(section: Section, inputs: Any, feats: torch.Tensor, basis: LayerB
     quantity wanted (e.g. output features)."""
     _, pos_in, k_in = feats.shape
     scale = feats.abs().amax(dim=0).clamp_min(1.0).reshape(-1)  # (pos_in * k_in,)
-    units = torch.cat([torch.zeros(1, pos_in * k_in, dtype=feats.dtype), torch.diag(scale)])  # (1 + pos_in * k_in, ...)
+    units = torch.cat([scale.new_zeros(1, pos_in * k_in), torch.diag(scale)])  # (1 + pos_in * k_in, ...)
     one = nested.select(inputs, slice(0, 1))
     outs = []
     for start in range(0, units.shape[0], max_rows):
@@ -220,7 +220,7 @@ def affine_holds(section: Section, inputs: Any, feats: torch.Tensor, basis: Laye
     ``(m, batch, ...)``, computed when not given) with the input features ``feats``
     ``(batch, pos_in, k_in)`` masked by each of ``masks`` ``(m, k_in)``, to 1000 ulp of the precision the
     model ran in, relative to :meth:`AffineMap.bound`."""
-    masked = feats.unsqueeze(0) * masks[:, None, None, :].to(feats.dtype)  # (m, batch, pos_in, k_in)
+    masked = feats.unsqueeze(0) * masks[:, None, None, :].to(feats.device, feats.dtype)  # (m, batch, pos_in, k_in)
     if single is None:
         single = single_runs(section, inputs, basis.reconstruct(masked))
     for raw, m in zip(single, masked):
@@ -243,7 +243,7 @@ def section_mode(section: Section, basis: LayerBasis, inputs: Any, feats: torch.
     n = min(feats.shape[0], probe_size)
     inputs = inputs if n == feats.shape[0] else nested.select(inputs, slice(0, n))
     feats = feats[:n]
-    masked = feats.unsqueeze(0) * masks[:, None, None, :].to(feats.dtype)  # (m, n, pos_in, k_in)
+    masked = feats.unsqueeze(0) * masks[:, None, None, :].to(feats.device, feats.dtype)  # (m, n, pos_in, k_in)
     acts = basis.reconstruct(masked)
     single = single_runs(section, inputs, acts)  # (m, n, ...): the reference of both probes
     if not stacking_holds(section, inputs, acts, max(1, n // 2), single):
