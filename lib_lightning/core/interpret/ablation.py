@@ -21,8 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lib_lightning.core.interpret.sections import Section, identity, probe_masks, row_plan, section_mode
+from lib_lightning.core.lib import batch as nested
 from lib_lightning.core.lib.basis import LayerBasis
-from lib_lightning.core.lib.capture import Forward, NodeLayer, default_forward, substituted
+from lib_lightning.core.lib.capture import Forward, NodeLayer, capture, default_forward, substituted
 from lib_lightning.core.lib.graph import InteractionGraph
 from lib_lightning.core.lib.modes import analysis_mode, prepare_inputs
 
@@ -31,6 +33,7 @@ __all__ = [
     "NodeAblation",
     "substitute",
     "evaluate",
+    "evaluation_update",
     "ablation_schedule",
     "smallest_passing",
     "node_ablation",
@@ -105,7 +108,7 @@ def substitute(
     return output
 
 
-def _evaluation_update(logits: Any, labels: torch.Tensor) -> torch.Tensor:
+def evaluation_update(logits: Any, labels: torch.Tensor) -> torch.Tensor:
     """``(loss_sum, correct_sum, count)`` of one batch, float64."""
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -125,7 +128,7 @@ def evaluate(run: Callable[[Any], Any], data: Data) -> Evaluation:
     """
     total = None
     for inputs, labels in data:
-        part = _evaluation_update(run(inputs), labels)
+        part = evaluation_update(run(inputs), labels)
         total = part if total is None else total + part
     if total is None or total[2] == 0:
         raise ValueError("the evaluation data is empty: no batch was given")
@@ -192,6 +195,42 @@ def check_data(data: Data) -> Data:
     return data
 
 
+def _node_sums(section: Section, basis: LayerBasis, inputs: Any, labels: torch.Tensor, feats: torch.Tensor,
+               ks: list[int], stacked: bool, affine, max_rows: int) -> list[torch.Tensor]:
+    """One batch: ``(loss_sum, correct_sum, count)`` with the layer projected onto its first k features,
+    for each k < d_lib of ``ks``; several ks share one forward of the rest of the model where ``stacked``."""
+    if affine is not None:
+        return [evaluation_update(affine(feats, k), labels) for k in ks]
+    batch = feats.shape[0]
+    examples, copies = row_plan(batch, len(ks), max_rows) if stacked else (batch, 1)
+    sums = [torch.zeros(3, dtype=torch.float64) for _ in ks]
+    for first in range(0, batch, examples):
+        part = inputs if examples >= batch else nested.select(inputs, slice(first, first + examples))
+        f, y = feats[first:first + examples], labels[first:first + examples]  # (e, pos, d_lib), (e,)
+        for start in range(0, len(ks), copies):
+            chunk = ks[start:start + copies]
+            acts = torch.cat([(f[..., :k] @ basis.basis_pinv[:k])[..., :-1] for k in chunk])  # (c * e, pos, d)
+            logits = section.run(part, acts, len(chunk), stacked)  # (c * e, classes)
+            for j, logit in enumerate(logits.split(f.shape[0])):
+                sums[start + j] = sums[start + j] + evaluation_update(logit, y).to(sums[0].device)
+    return sums
+
+
+def _node_curve(section: Section, basis: LayerBasis, data: Data, schedule: list[int], baseline: Evaluation,
+                max_rows: int) -> list[Evaluation]:
+    """Evaluations at each k of ``schedule``: the layer captured once per batch, the rest of the model run
+    on several ks at once (an affine rest: one contraction per k); k = d_lib is the unablated model."""
+    feats = [basis.transform(capture(section.model, [section.layer_in], x, section.forward)[0]) for x, _ in data]
+    stacked, affine = section_mode(section, basis, data[0][0], feats[0], identity, probe_masks(basis.d_lib), max_rows)
+    ks = [k for k in schedule if k < basis.d_lib]
+    total = [torch.zeros(3, dtype=torch.float64) for _ in ks]
+    for (inputs, labels), f in zip(data, feats):
+        sums = _node_sums(section, basis, inputs, labels, f, ks, stacked, affine, max_rows)
+        total = [t + s.to(t.device) for t, s in zip(total, sums)]
+    evals = {k: Evaluation(t[0].item(), t[1].item(), int(t[2].item())) for k, t in zip(ks, total)}
+    return [evals.get(k, baseline) for k in schedule]
+
+
 def node_ablation(
     model: nn.Module,
     graph: InteractionGraph,
@@ -203,6 +242,8 @@ def node_ablation(
     dense_up_to: int = 10,
     base: float = 1.05,
     dtype: torch.dtype | None = torch.float64,
+    max_rows: int = 2048,
+    reuse: bool = True,
 ) -> list[NodeAblation]:
     """Accuracy and loss with each node layer projected onto its first k features (LIB_SPEC.md §7).
 
@@ -220,6 +261,13 @@ def node_ablation(
         ks: numbers of features to keep (clipped to each layer's d_lib, ``d_lib`` always added); default
             :func:`ablation_schedule` with ``dense_up_to`` and ``base``.
         dtype: precision of the evaluation.
+        max_rows: memory budget, examples x ks per forward of the rest of the model, >= 1; 1 runs each k
+            on whole batches, one forward each, without the affine path.
+        reuse: False runs the whole model once per k and batch (the path before, kept as the
+            reference). True captures the layer once per batch, runs several ks stacked along the batch
+            dimension from there (a probe on the first batch checks that this agrees with one forward per
+            k, falling back otherwise), and where the rest of the model is affine in the layer's features
+            evaluates every k as one contraction. Results agree to float rounding.
 
     Returns:
         One :class:`NodeAblation` per ablated layer.
@@ -236,6 +284,8 @@ def node_ablation(
         raise ValueError(f"layer indices {bad} out of range for {n_layers} node layers {graph.layer_names}")
     if ks is not None and any(k < 0 for k in ks):
         raise ValueError(f"ks must be >= 0, got {list(ks)}")
+    if not (isinstance(max_rows, int) and max_rows >= 1):
+        raise ValueError(f"max_rows must be an int >= 1 (examples x ks per forward), got {max_rows!r}")
     data = [(prepare_inputs(inputs, dtype), labels) for inputs, labels in data]
     results = []
     with torch.no_grad(), analysis_mode(model, dtype):
@@ -246,10 +296,13 @@ def node_ablation(
                 {min(int(k), basis.d_lib) for k in ks} | {basis.d_lib}
             )
             layer = NodeLayer.parse(basis.name)
-            evals = []
-            for k in schedule:
-                project = _projection(basis, k)
-                evals.append(evaluate(lambda inputs: substitute(model, layer, project, inputs, forward), data))
+            if reuse:
+                evals = _node_curve(Section(model, forward, layer, None), basis, data, schedule, baseline, max_rows)
+            else:
+                evals = []
+                for k in schedule:
+                    project = _projection(basis, k)
+                    evals.append(evaluate(lambda inputs: substitute(model, layer, project, inputs, forward), data))
             results.append(
                 NodeAblation(
                     basis.name, graph.kind, torch.tensor(schedule),

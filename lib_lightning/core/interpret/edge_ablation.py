@@ -14,12 +14,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from lib_lightning.core.interpret.ablation import Data, Evaluation, check_data, evaluate, substitute
+from lib_lightning.core.interpret.ablation import (
+    Data, Evaluation, check_data, evaluate, evaluation_update, substitute,
+)
+from lib_lightning.core.interpret.edge_columns import ColumnCache, affine_columns, new_columns
+from lib_lightning.core.interpret.sections import (
+    AffineMap, Section, identity, probe_masks, section_mode, stacking_holds,
+)
 from lib_lightning.core.lib.basis import LayerBasis
-from lib_lightning.core.lib.capture import Forward, NodeLayer, capture, default_forward, resolve_modules, run_section
+from lib_lightning.core.lib.capture import Forward, NodeLayer, capture, default_forward
 from lib_lightning.core.lib.graph import InteractionGraph
 from lib_lightning.core.lib.modes import analysis_mode, prepare_inputs
-from lib_lightning.core.lib.nodes import register_hook
 
 __all__ = ["EdgeAblation", "edge_mask", "edge_ablation"]
 
@@ -91,96 +96,90 @@ def edge_mask(edges: torch.Tensor, k: int, skip_constant_input: bool = True) -> 
     return mask
 
 
-class _Stop(BaseException):
-    """Ends a forward pass once the section's output is read (not an ``Exception``: models may catch those)."""
-
-
-def _stacked_section(model, forward, layer_in: NodeLayer, layer_out: NodeLayer, inputs, acts: torch.Tensor, c: int):
-    """``layer_out``'s activation ``(c * batch, pos_out, d_out)`` with ``layer_in``'s value of the batch
-    repeated c times and its activation replaced by ``acts`` ``(c * batch, pos_in, d_in)``: the model runs
-    once up to ``layer_in`` and on all c copies from there. Valid only where nothing downstream of
-    ``layer_in`` in the section reads a batch-sized tensor from before it (checked by ``_stacking_holds``)."""
-    module_in, module_out = resolve_modules(model, [layer_in, layer_out])
-    result: list[torch.Tensor] = []
-
-    def replace(value: torch.Tensor) -> torch.Tensor:
-        stacked = value.repeat(c, *[1] * (value.ndim - 1))
-        return layer_in.from_acts(stacked, acts.to(value.dtype)).clone()
-
-    def read(value: torch.Tensor) -> None:
-        result.append(layer_out.to_acts(value))
-        raise _Stop
-
-    handles = [register_hook(module_in, layer_in, replace), register_hook(module_out, layer_out, read)]
-    try:
-        forward(model, inputs)
-    except _Stop:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    if not result:
-        raise RuntimeError(f"node layer {layer_out.name!r} was not reached after {layer_in.name!r}")
-    return result[0]
-
-
-def _section_features(model, forward, layer_in, layer_out, basis_in, basis_out, inputs, feats_in, masks):
+def _section_features(section: Section, stacked: bool, basis_in, basis_out, inputs, feats_in, masks):
     """``(c, batch, pos_out, k_out)``: the section's output features with the input features masked by
-    each of the ``(c, k_in)`` masks; c > 1 masks run as one stacked forward (``_stacked_section``)."""
+    each of the ``(c, k_in)`` masks; c > 1 masks run as one stacked forward where ``stacked``."""
     c, (batch, pos_in, k_in) = masks.shape[0], feats_in.shape
     masked = (feats_in.unsqueeze(0) * masks[:, None, None, :]).reshape(c * batch, pos_in, k_in)
     acts = basis_in.reconstruct(masked)  # (c * batch, pos_in, d_in)
-    if c == 1:
-        out = run_section(model, layer_in, layer_out, inputs, lambda act: acts.to(act.dtype), forward)
-    else:
-        out = _stacked_section(model, forward, layer_in, layer_out, inputs, acts, c)
+    out = section.run(inputs, acts, c, stacked)
     if out.shape[0] != c * batch:
         raise RuntimeError(f"stacked section returned {out.shape[0]} rows, expected {c} x {batch}")
     feats_out = basis_out.transform(out)  # (c * batch, pos_out, k_out)
     return feats_out.reshape(c, batch, *feats_out.shape[1:])
 
 
-def _stacking_holds(model, forward, layer_in, layer_out, basis_in, basis_out, inputs, masks) -> bool:
-    """Whether the stacked forward of the ``(c, k_in)`` masks agrees with one forward per mask on ``inputs``
-    (to 1000 ulp of the model's dtype, relative to the largest feature); False also when the stacked
-    forward fails on this model."""
-    (act_in,) = capture(model, [layer_in], inputs, forward)
-    rtol = 1e3 * torch.finfo(act_in.dtype).eps
-    feats_in = basis_in.transform(act_in)
-    args = (model, forward, layer_in, layer_out, basis_in, basis_out, inputs, feats_in)
-    single = torch.cat([_section_features(*args, masks[i:i + 1]) for i in range(masks.shape[0])])
-    try:
-        stacked = _section_features(*args, masks)
-    except (RuntimeError, ValueError, IndexError, TypeError):
-        return False
-    scale = single.abs().max().clamp_min(torch.finfo(single.dtype).tiny)
-    return stacked.shape == single.shape and bool(((stacked - single).abs().max() <= rtol * scale).item())
-
-
-def _edge_run(model, forward, layer_in, layer_out, basis_in: LayerBasis, basis_out: LayerBasis, mask: torch.Tensor,
+def _edge_run(section: Section, stacked: bool, basis_in: LayerBasis, basis_out: LayerBasis, mask: torch.Tensor,
               max_rows: int):
-    """inputs -> logits with the section's edges outside ``mask`` ablated; output features with the same
-    kept inputs share a mask, and up to ``max_rows // batch`` masks share one forward of the section."""
+    """inputs -> logits with the section's edges outside ``mask`` ablated, every k on its own (the path of
+    ``reuse=False``): output features with the same kept inputs share a mask, and up to
+    ``max_rows // batch`` masks share one forward of the section."""
     groups, inverse = torch.unique(mask, dim=0, return_inverse=True)  # (g, k_in), (k_out,)
     members = [torch.nonzero(inverse == g).squeeze(1) for g in range(groups.shape[0])]
+    model, forward = section.model, section.forward
 
     def run(inputs: Any) -> Any:
-        (act_in,) = capture(model, [layer_in], inputs, forward)  # (batch, pos_in, d_in)
+        (act_in,) = capture(model, [section.layer_in], inputs, forward)  # (batch, pos_in, d_in)
         feats_in = basis_in.transform(act_in)  # (batch, pos_in, k_in)
-        per_forward = max(1, max_rows // act_in.shape[0])
+        per_forward = max(1, max_rows // act_in.shape[0]) if stacked else 1
         feats_out = None
         for start in range(0, groups.shape[0], per_forward):
             chunk = groups[start:start + per_forward]
-            out = _section_features(model, forward, layer_in, layer_out, basis_in, basis_out, inputs, feats_in, chunk)
+            out = _section_features(section, stacked, basis_in, basis_out, inputs, feats_in, chunk)
             if feats_out is None:
                 feats_out = torch.zeros_like(out[0])  # (batch, pos_out, k_out)
             for j in range(chunk.shape[0]):
                 rows = members[start + j]
                 feats_out[..., rows] = out[j][..., rows]
         act_out = basis_out.reconstruct(feats_out)  # (batch, pos_out, d_out)
-        return substitute(model, layer_out, lambda act: act_out.to(act.dtype), inputs, forward)
+        return substitute(model, section.layer_out, lambda act: act_out.to(act.dtype), inputs, forward)
 
     return run
+
+
+def _evaluate_features(section: Section, basis_out: LayerBasis, data: Data, feats_out: Sequence[torch.Tensor],
+                       rest: AffineMap | None):
+    """Accuracy and loss with ``section.layer_out``'s activation replaced by each batch's ``feats_out``
+    (``rest``: the rest of the model as an affine map of those features, then no forward runs)."""
+    total = None
+    for (inputs, labels), feats in zip(data, feats_out):
+        if rest is not None:
+            logits = rest(feats)
+        else:
+            act_out = basis_out.reconstruct(feats)  # (batch, pos_out, d_out)
+            logits = substitute(section.model, section.layer_out, lambda act: act_out.to(act.dtype), inputs,
+                                section.forward)
+        part = evaluation_update(logits, labels)
+        total = part if total is None else total + part
+    loss_sum, correct_sum, count = total.tolist()
+    return Evaluation(loss_sum, correct_sum, int(count))
+
+
+def _reuse_evaluator(section: Section, basis_in: LayerBasis, basis_out: LayerBasis, data: Data, skip: bool,
+                     max_rows: int):
+    """``(at, cache)``: ``at(mask)`` evaluates the model with the edges outside ``mask`` ablated, running
+    only the rows of the mask that ``cache`` lacks (none for an affine section)."""
+    feats_in = [basis_in.transform(capture(section.model, [section.layer_in], x, section.forward)[0]) for x, _ in data]
+    first = data[0][0]
+    stacked, affine = section_mode(section, basis_in, first, feats_in[0], basis_out.transform,
+                                   probe_masks(basis_in.d_lib), max_rows)
+    rest = Section(section.model, section.forward, section.layer_out, None)  # node layer l+1 -> the logits
+    (act_out,) = capture(section.model, [section.layer_out], first, section.forward)
+    feats_out = basis_out.transform(act_out)  # (batch, pos_out, k_out)
+    _, rest_affine = section_mode(rest, basis_out, first, feats_out, identity, probe_masks(basis_out.d_lib), max_rows)
+    batches = [(x, f) for (x, _), f in zip(data, feats_in)]
+    sizes = [f.shape[0] for f in feats_in]
+    cache = ColumnCache()
+
+    def at(mask: torch.Tensor) -> Evaluation:
+        if affine is not None:
+            feats_out = [affine_columns(affine, f, mask) for f in feats_in]
+        else:
+            new_columns(section, stacked, basis_in, basis_out, batches, mask, cache, max_rows)
+            feats_out = cache.columns(mask).split(sizes)
+        return _evaluate_features(section, basis_out, data, feats_out, rest_affine)
+
+    return at, cache
 
 
 def edge_ablation(
@@ -194,18 +193,23 @@ def edge_ablation(
     ks: Sequence[int] = (),
     dtype: torch.dtype | None = torch.float64,
     max_rows: int = 2048,
+    reuse: bool = True,
 ) -> EdgeAblation:
     """The fewest strongest edges of one section that keep accuracy within ``tolerance`` (LIB_SPEC.md §5).
 
     Edges are ranked by E; edges out of the constant node are always kept and not counted. With the k
     strongest kept, output feature i of node layer l+1 is read from the section run on
-    (f̂ ⊙ m_i) C⁺, where m_i zeroes the input features whose edges to i are dropped; output features with
-    the same mask share one run. The runs of several masks are one forward of at most ``max_rows`` rows:
-    the model runs once up to node layer l, whose value is then repeated once per mask along the batch
-    dimension; a probe on the first batch checks that this agrees with one forward per mask, and falls
-    back to those otherwise. The assembled output features are mapped back through C^{l+1,+} and the
-    rest of the model runs. The search evaluates k = 0, 1, 2, 4, ... until the accuracy reaches
-    ``baseline - tolerance``, then bisects between the last two; it assumes accuracy grows with k.
+    (f̂ ⊙ m_i) C⁺, where m_i zeroes the input features whose edges to i are dropped; the assembled output
+    features are mapped back through C^{l+1,+} and the rest of the model runs. The search evaluates
+    k = 0, 1, 2, 4, ... until the accuracy reaches ``baseline - tolerance``, then bisects between the
+    last two; it assumes accuracy grows with k.
+
+    Node layer l is captured once. Row i's mask is fixed by how many of row i's edges are kept, so each
+    output feature is computed once per such count and reused by later steps of the search
+    (:mod:`lib_lightning.core.interpret.edge_columns`); the masks of one step share forwards of at most
+    ``max_rows`` rows (examples x masks; layer l's value repeated once per mask along the batch). A probe
+    on the first batch checks that sharing agrees with one forward per mask, falling back otherwise, and
+    whether the section is affine in its input features (then every step is one contraction, no forward).
 
     Args:
         model: the model the graph was built on (eval mode, frozen, cast to ``dtype`` meanwhile).
@@ -215,9 +219,11 @@ def edge_ablation(
         tolerance: accuracy drop allowed, >= 0 (the reference: 0.001).
         ks: further numbers of edges to evaluate for the curve (clipped to the number of edges).
         dtype: precision of the evaluation.
-        max_rows: memory budget, examples x masks per forward of the section, >= 1; a batch larger than
-            it still runs (one mask per forward). 1 runs each distinct mask on its own (the path before
-            the stacking); results agree to float rounding (a stacked matmul may sum in another order).
+        max_rows: memory budget, examples x masks per forward of the section, >= 1; 1 runs each distinct
+            mask on its own, on whole batches, without the affine path. Results agree to float rounding
+            (a stacked matmul or the affine contraction may sum in another order).
+        reuse: False evaluates every k on its own, capturing layer l per k and running every distinct mask
+            of that k (the path before the reuse, kept as the reference).
 
     Raises:
         ValueError: for a section out of range, a negative tolerance, ``max_rows`` < 1 or empty data.
@@ -234,28 +240,36 @@ def edge_ablation(
     edges = graph.edges[section]
     skip = basis_in.has_constant
     n_edges = edges.shape[0] * (edges.shape[1] - (1 if skip else 0))
-    layer_in, layer_out = NodeLayer.parse(basis_in.name), NodeLayer.parse(basis_out.name)
+    part = Section(model, forward, NodeLayer.parse(basis_in.name), NodeLayer.parse(basis_out.name))
     data = [(prepare_inputs(inputs, dtype), labels) for inputs, labels in data]
+    if not data:
+        raise ValueError("the evaluation data is empty: no batch was given")
     results: dict[int, Evaluation] = {}
     with torch.no_grad(), analysis_mode(model, dtype):
         baseline = evaluate(lambda inputs: forward(model, inputs), data)
         target = baseline.accuracy - tolerance
-        probe = torch.stack([edge_mask(edges, n_edges, skip)[0], edge_mask(edges, 0, skip)[0]])  # all, constant
-        if max_rows > 1 and not _stacking_holds(
-            model, forward, layer_in, layer_out, basis_in, basis_out, data[0][0], probe
-        ):
-            max_rows = 1  # the model reads batch-sized tensors across the section: one forward per mask
+        if reuse:
+            evaluate_mask, cache = _reuse_evaluator(part, basis_in, basis_out, data, skip, max_rows)
+        else:
+            cache = None
+            probe = torch.stack([edge_mask(edges, n_edges, skip)[0], edge_mask(edges, 0, skip)[0]])  # all, constant
+            (act,) = capture(model, [part.layer_in], data[0][0], forward)
+            masked = basis_in.transform(act).unsqueeze(0) * probe[:, None, None, :]
+            stacked = max_rows > 1 and stacking_holds(part, data[0][0], basis_in.reconstruct(masked), act.shape[0])
+
+            def evaluate_mask(mask: torch.Tensor) -> Evaluation:
+                return evaluate(_edge_run(part, stacked, basis_in, basis_out, mask, max_rows), data)
 
         def at(k: int) -> Evaluation:
             if k not in results:
-                mask = edge_mask(edges, k, skip)
-                run = _edge_run(model, forward, layer_in, layer_out, basis_in, basis_out, mask, max_rows)
-                results[k] = evaluate(run, data)
+                results[k] = evaluate_mask(edge_mask(edges, k, skip))
             return results[k]
 
         lo, hi = -1, 0  # at(lo) fails (-1: nothing evaluated yet), at(hi) is the candidate
         while hi < n_edges and at(hi).accuracy < target:
             lo, hi = hi, min(n_edges, max(1, 2 * hi))
+            if cache is not None:  # later steps lie above lo
+                cache.keep_between(edge_mask(edges, max(lo, 0), skip), edge_mask(edges, n_edges, skip))
         reached = at(hi).accuracy >= target
         if reached:
             while hi - lo > 1:
@@ -264,6 +278,8 @@ def edge_ablation(
                     hi = mid
                 else:
                     lo = mid
+                if cache is not None:  # later steps lie between lo and hi
+                    cache.keep_between(edge_mask(edges, max(lo, 0), skip), edge_mask(edges, hi, skip))
         for k in ks:
             at(min(max(int(k), 0), n_edges))
     rows, cols = _candidates(edges, skip)

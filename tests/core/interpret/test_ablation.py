@@ -260,18 +260,16 @@ def _assert_same_result(a, b):
     assert torch.allclose(a.loss, b.loss, rtol=1e-12, atol=0)
 
 
-def test_edge_ablation_stacked_masks_match_one_forward_per_mask_with_fewer_forwards(mlp):
+def test_edge_ablation_reuse_matches_the_path_before_at_every_budget(mlp):
     model, _, graphs, data = mlp
     for kind in ("lib", "pca"):
         g = graphs[kind]
         for sec in range(3):
-            old_calls, new_calls = [], []
-            old = edge_ablation(model, g, sec, data, ks=[3, 11], max_rows=1, forward=_counting(old_calls))
-            new = edge_ablation(model, g, sec, data, ks=[3, 11], forward=_counting(new_calls))
-            _assert_same_result(old, new)
-            assert len(new_calls) < len(old_calls), (kind, sec, len(new_calls), len(old_calls))
-        # a budget below one batch's masks: several stacked forwards per evaluation, the same result
-        _assert_same_result(old, edge_ablation(model, g, 2, data, ks=[3, 11], max_rows=50))
+            old = edge_ablation(model, g, sec, data, ks=[3, 11], max_rows=1, reuse=False)
+            _assert_same_result(old, edge_ablation(model, g, sec, data, ks=[3, 11]))
+            # one mask per forward on whole batches; and several stacked forwards per step
+            _assert_same_result(old, edge_ablation(model, g, sec, data, ks=[3, 11], max_rows=1))
+            _assert_same_result(old, edge_ablation(model, g, sec, data, ks=[3, 11], max_rows=50))
 
 
 def test_edge_ablation_stacked_masks_multi_position_transformer():
@@ -280,11 +278,12 @@ def test_edge_ablation_stacked_masks_multi_position_transformer():
         for sec in range(2):
             n = g.edges[sec].shape[0] * (g.edges[sec].shape[1] - 1)
             ks = [n // 7, n // 3, n // 2]
-            old = edge_ablation(model, g, sec, data, ks=ks, max_rows=1)
+            old = edge_ablation(model, g, sec, data, ks=ks, max_rows=1, reuse=False)
             _assert_same_result(old, edge_ablation(model, g, sec, data, ks=ks))
 
 
-def test_edge_ablation_falls_back_when_the_section_reads_earlier_batch_tensors():
+def _gated_case():
+    """The gated MLP, its LIB graph, and 64 held-out ``{"x", "attention_mask"}`` inputs with labels."""
     model = _GatedMLP(seed=3)
 
     def gated(x):
@@ -294,7 +293,12 @@ def test_edge_ablation_falls_back_when_the_section_reads_earlier_batch_tensors()
     val = gated(mlp_inputs(n=64, seed=7))
     with torch.no_grad():
         data = [(val, _noisy_labels(model(val), seed=3))]
-    old = edge_ablation(model, g, 1, data, ks=[4, 9], max_rows=1)
+    return model, g, data
+
+
+def test_edge_ablation_falls_back_when_the_section_reads_earlier_batch_tensors():
+    model, g, data = _gated_case()
+    old = edge_ablation(model, g, 1, data, ks=[4, 9], max_rows=1, reuse=False)
     _assert_same_result(old, edge_ablation(model, g, 1, data, ks=[4, 9]))
 
 

@@ -1,0 +1,190 @@
+"""The shared-forward and affine paths of the ablations against the paths before them (one forward per
+mask or k), on small float64 models: a Linear section, ReLU sections, attention, a context-input model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lib_lightning.core.interpret.ablation import node_ablation
+from lib_lightning.core.interpret.edge_ablation import _section_features, edge_ablation, edge_mask
+from lib_lightning.core.interpret.edge_columns import ColumnCache, affine_columns, new_columns
+from lib_lightning.core.interpret.sections import (
+    Section, affine_holds, affine_map, probe_masks, row_plan, section_mode, stacking_holds,
+)
+from lib_lightning.core.lib import build_graphs
+from lib_lightning.core.lib.capture import NodeLayer, capture, default_forward
+from tests.core.interpret.test_ablation import LAYERS, _assert_same_result, _counting, _gated_case, _tiny_transformer
+from tests.core.models import MLP, mlp_inputs
+
+TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+def _graphs(model, seed=3):
+    x = mlp_inputs(n=240)
+    return build_graphs(model, LAYERS, [x[:120], x[120:]], kinds=("lib", "pca")), mlp_inputs(n=64, seed=7)
+
+
+def _labelled(model, x, seed=3):
+    with torch.no_grad():
+        logits = model(x)
+    labels = logits.argmax(-1)
+    flip = torch.arange(len(labels)) % 5 == 0  # a baseline accuracy below 1
+    labels = torch.where(flip, torch.randint(0, 3, labels.shape, generator=torch.Generator().manual_seed(seed)), labels)
+    return [(x[:40], labels[:40]), (x[40:], labels[40:])]
+
+
+def _mode(model, graph, i, x, out=True):
+    basis_in = graph.layers[i]
+    layer_out = NodeLayer(LAYERS[i + 1]) if out else None
+    section = Section(model, default_forward, NodeLayer(LAYERS[i]), layer_out)
+    with torch.no_grad():
+        (act,) = capture(model, [section.layer_in], x)
+        feats = basis_in.transform(act)
+        read = graph.layers[i + 1].transform if out else (lambda o: o)
+        return section, feats, read, section_mode(section, basis_in, x, feats, read, probe_masks(basis_in.d_lib), 4096)
+
+
+def test_row_plan_closed_form():
+    assert row_plan(100, 5, 4096) == (100, 5)  # everything in one forward
+    assert row_plan(4096, 100, 4096) == (40, 100)  # all copies of 40-example slices
+    assert row_plan(4096, 1, 4096) == (4096, 1)
+    assert row_plan(10, 3, 1) == (1, 1)
+    assert row_plan(10, 0, 8) == (8, 1)
+
+
+def test_probe_masks_keep_the_constant_and_differ():
+    masks = probe_masks(9)
+    assert masks.shape == (6, 9) and masks[:, 0].all() and masks[0].all()
+    assert masks[1].sum() == 1 and masks[2].sum() == 4
+    assert len({tuple(m.tolist()) for m in masks}) == 6
+
+
+def test_affine_probe_accepts_linear_sections_and_rejects_relu():
+    model = MLP(seed=3)
+    graphs, x = _graphs(model)
+    for g in graphs.values():
+        # h1 -> out is one Linear: affine, and the map reproduces real forwards of masks it never saw
+        section, feats, read, (stacked, affine) = _mode(model, g, 2, x)
+        assert stacked and affine is not None
+        mask = edge_mask(g.edges[2], 9)  # one mask per output feature
+        with torch.no_grad():
+            groups = _section_features(section, False, g.layers[2], g.layers[3], x, feats, mask.double())
+        want = torch.stack([groups[i][..., i] for i in range(mask.shape[0])], dim=-1)
+        torch.testing.assert_close(affine_columns(affine, feats, mask), want, **TOL)
+        # inp -> h0 and h0 -> h1 end in a ReLU: stacking holds, the affine probe refuses
+        for i in (0, 1):
+            section, feats, read, (stacked, affine) = _mode(model, g, i, x)
+            assert stacked and affine is None
+            # the map read from unit features exists, but real forwards of the probe masks expose it
+            with torch.no_grad():
+                forged = affine_map(section, x, feats, g.layers[i], read, 4096)
+                assert not affine_holds(section, x, feats, g.layers[i], forged, read, probe_masks(g.layers[i].d_lib))
+    # without the ReLUs the whole MLP is a Linear chain: every section and every rest is affine
+    linear = MLP(seed=3, act=nn.Identity)
+    graphs, x = _graphs(linear)
+    for i in range(3):
+        assert _mode(linear, graphs["lib"], i, x)[3][1] is not None
+        assert _mode(linear, graphs["lib"], i, x, out=False)[3][1] is not None
+
+
+def test_stacking_probe_refuses_a_model_that_reads_context_across_the_section():
+    model, g, data = _gated_case()
+    val = data[0][0]
+    section = Section(model, default_forward, NodeLayer("h0"), NodeLayer("h1"))
+    with torch.no_grad():
+        feats = g.layers[1].transform(capture(model, [section.layer_in], val)[0])
+        masked = feats.unsqueeze(0) * probe_masks(g.layers[1].d_lib)[:, None, None, :].double()
+        assert not stacking_holds(section, val, g.layers[1].reconstruct(masked), 32)
+        assert section_mode(section, g.layers[1], val, feats, g.layers[2].transform,
+                            probe_masks(g.layers[1].d_lib), 4096) == (False, None)
+    # node ablation of h0 falls back to one forward per k, with the same result
+    old = node_ablation(model, g, data, layers=[1], reuse=False)[0]
+    new = node_ablation(model, g, data, layers=[1])[0]
+    assert torch.equal(old.accuracy, new.accuracy)
+    torch.testing.assert_close(new.loss, old.loss, **TOL)
+
+
+def test_column_cache_runs_each_row_mask_once_and_keeps_the_bracket():
+    model = MLP(seed=3)
+    graphs, x = _graphs(model)
+    g = graphs["lib"]
+    basis_in, basis_out = g.layers[1], g.layers[2]
+    section = Section(model, default_forward, NodeLayer("h0"), NodeLayer("h1"))
+    batches = [(x[:40], None), (x[40:], None)]
+    with torch.no_grad():
+        feats = [basis_in.transform(capture(model, [section.layer_in], b)[0]) for b, _ in batches]
+        batches = [(b, f) for (b, _), f in zip(batches, feats)]
+        cache, reused, before = ColumnCache(), 0, 0
+        for k in (0, 1, 2, 4, 8, 16, 12, 10, 11):  # the steps of a search
+            mask = edge_mask(g.edges[1], k)
+            reused += new_columns(section, True, basis_in, basis_out, batches, mask, cache, max_rows=64)
+            before += torch.unique(mask, dim=0).shape[0]
+            want = torch.cat([_section_features(section, False, basis_in, basis_out, b, f, mask.double())
+                              for b, f in batches], dim=1)  # (k_out, n, 1, k_out): one run per row
+            got = cache.columns(mask)  # (n, 1, k_out)
+            torch.testing.assert_close(got, torch.stack([want[i, ..., i] for i in range(mask.shape[0])], -1), **TOL)
+    assert reused < before, (reused, before)
+    low, high = edge_mask(g.edges[1], 10), edge_mask(g.edges[1], 11)
+    cache.keep_between(low, high)
+    lo, hi = low.sum(1), high.sum(1)
+    assert len(cache) >= basis_out.d_lib and all(lo[i] <= c <= hi[i] for i, c in cache._store)
+    assert cache.missing(high).numel() == 0 and cache.missing(edge_mask(g.edges[1], 16)).numel() > 0
+
+
+def test_edge_ablation_of_an_affine_section_runs_no_forward_per_step():
+    model = MLP(seed=3)
+    graphs, x = _graphs(model)
+    data = _labelled(model, x)
+    for g in graphs.values():
+        for dtype in (torch.float64, torch.float32):  # float32: the probe's tolerance is float32's
+            few, many = [], []
+            a = edge_ablation(model, g, 2, data, forward=_counting(few), dtype=dtype)
+            b = edge_ablation(model, g, 2, data, ks=[3, 5, 7, 9, 13], forward=_counting(many), dtype=dtype)
+            assert len(b.ks) > len(a.ks) and len(many) == len(few), (dtype, len(many), len(few))  # the probes only
+        old = edge_ablation(model, g, 2, data, ks=[3, 5, 7, 9, 13], max_rows=1, reuse=False)
+        _assert_same_result(old, edge_ablation(model, g, 2, data, ks=[3, 5, 7, 9, 13]))
+
+
+@pytest.mark.parametrize("max_rows", [2048, 50, 1])
+def test_node_ablation_reuse_matches_the_path_before(max_rows):
+    model = MLP(seed=3)
+    graphs, x = _graphs(model)
+    data = _labelled(model, x)
+    cases = [(model, g, data) for g in graphs.values()]
+    tiny, tiny_graphs, tiny_data = _tiny_transformer(label_seed=2)
+    cases += [(tiny, g, tiny_data) for g in tiny_graphs.values()]
+    for m, g, d in cases:
+        old = node_ablation(m, g, d, reuse=False)
+        new = node_ablation(m, g, d, max_rows=max_rows)
+        for a, b in zip(old, new, strict=True):
+            assert torch.equal(a.ks, b.ks) and torch.equal(a.accuracy, b.accuracy), a.layer
+            torch.testing.assert_close(b.loss, a.loss, **TOL)
+            assert b.loss[-1].item() == a.baseline_loss  # k = d_lib is the unablated model, exactly
+
+
+def test_node_ablation_bad_max_rows():
+    model = MLP(seed=3)
+    graphs, x = _graphs(model)
+    with pytest.raises(ValueError, match="max_rows must be an int >= 1"):
+        node_ablation(model, graphs["lib"], _labelled(model, x), max_rows=0)
+
+
+def test_float32_evaluation_matches_the_path_before():
+    """The main job analyses in float32: the affine maps come from float32 outputs, the features are float64."""
+    model = MLP(seed=3)
+    graphs, x = _graphs(model)
+    data = _labelled(model, x)
+    for g in graphs.values():
+        old = node_ablation(model, g, data, dtype=torch.float32, reuse=False)
+        new = node_ablation(model, g, data, dtype=torch.float32)
+        for a, b in zip(old, new, strict=True):
+            assert torch.equal(a.accuracy, b.accuracy)
+            torch.testing.assert_close(b.loss, a.loss, rtol=1e-5, atol=0)
+        for sec in range(3):
+            a = edge_ablation(model, g, sec, data, ks=[4, 9], dtype=torch.float32, reuse=False, max_rows=1)
+            b = edge_ablation(model, g, sec, data, ks=[4, 9], dtype=torch.float32)
+            assert (a.n_required, a.reached) == (b.n_required, b.reached) and torch.equal(a.ks, b.ks)
+            assert torch.equal(a.accuracy, b.accuracy)
+            torch.testing.assert_close(b.loss, a.loss, rtol=1e-5, atol=0)
