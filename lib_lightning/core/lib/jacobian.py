@@ -20,6 +20,7 @@ from torch import nn
 from lib_lightning.core.lib.basis import LayerBasis
 from lib_lightning.core.lib.batch import batch_size as _nested_batch_size
 from lib_lightning.core.lib.capture import Forward, NodeLayer, capture, run_section, select_examples
+from lib_lightning.core.lib.float32_sums import edges_update_float32
 from lib_lightning.core.lib.integration import IntegrationRule
 
 __all__ = [
@@ -315,28 +316,18 @@ def edge_attributions(acts: torch.Tensor, g: torch.Tensor, basis_in: LayerBasis)
     return a.view(batch, pos_out, k_out, pinv_t.shape[1])  # k_in explicit: a layer may keep no feature
 
 
-def _edge_attributions_float32(acts: torch.Tensor, g: torch.Tensor, basis_in: LayerBasis) -> torch.Tensor:
-    """:func:`edge_attributions` of a float32 ĝ, in float32: one product ĝ C⁺ᵀ over the whole chunk and
-    every input position (no float64 copy of ĝ); f̂ is taken in float64, then rounded to float32."""
-    n_g, pos_in, pos_out, k_out, d_in = g.shape
-    batch = acts.shape[0]
-    f_hat = basis_in.transform(acts.to(torch.float64)).to(torch.float32)  # (batch, pos_in, k_in)
-    pinv_t = basis_in.basis_pinv[:, :d_in].T.to(torch.float32)  # (d_in, k_in)
-    k_in = pinv_t.shape[1]
-    prod = (g.reshape(-1, d_in) @ pinv_t).view(n_g, pos_in, pos_out * k_out, k_in)
-    a = None
-    for s in range(pos_in):
-        part = prod[:, s].mul_(f_hat[:, s, None, :]) if n_g == batch else prod[:, s] * f_hat[:, s, None, :]
-        a = part if a is None else a.add_(part)
-    return a.view(batch, pos_out, k_out, k_in)
-
-
-def edges_update(acts: torch.Tensor, g: torch.Tensor, basis_in: LayerBasis) -> torch.Tensor:
+def edges_update(
+    acts: torch.Tensor, g: torch.Tensor, basis_in: LayerBasis, basis_out: LayerBasis | None = None
+) -> torch.Tensor:
     """Partial sum Σ_x Σ_t A² ``(k_out, k_in)`` in float64 of the squared edges; divide by N·P_in for E.
 
-    A float32 ĝ gives its attributions and their chunk sum in float32 (rounded to float64 after the
-    sum over the chunk; the build adds the chunks in float64); any other ĝ: float64 throughout."""
+    ``basis_out``: ``g`` holds rows in neurons, and the edges are those of ĝ = :func:`project` (g, basis_out).
+    A float32 ĝ gives its attributions and their chunk sum in float32 (rounded to float64 after the sum
+    over the chunk; the build adds the chunks in float64), rows in neurons projected after the attributions
+    (:mod:`lib_lightning.core.lib.float32_sums`); any other ĝ: projected first, float64 throughout."""
     if _in_float32(g):
-        return _edge_attributions_float32(acts, g, basis_in).square_().sum(dim=(0, 1)).to(torch.float64)
+        return edges_update_float32(acts, g, basis_in, basis_out)
+    if basis_out is not None:
+        g = project(g, basis_out)
     a = edge_attributions(acts, g, basis_in)
     return a.square_().sum(dim=(0, 1))

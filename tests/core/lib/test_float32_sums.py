@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lib_lightning.core.lib import build_graphs
-from lib_lightning.core.lib.jacobian import M_PRIME_ROWS, edge_attributions, edges_update, m_prime_update
+from lib_lightning.core.lib.jacobian import M_PRIME_ROWS, edge_attributions, edges_update, m_prime_update, project
 from tests.core.models import MLP, mlp_inputs
 
 MLP_LAYERS = ["inp", "h0", "h1", "out"]
@@ -28,9 +28,14 @@ class _LargestFloat64(TorchDispatchMode):
         return out
 
 
+def _layers():
+    """LIB bases of the MLP's layers h0 (d = 6) and h1 (d = 7), float64."""
+    layers = build_graphs(MLP(), MLP_LAYERS, [mlp_inputs(n=50)], kinds=("lib",))["lib"].layers
+    return layers[1], layers[2]
+
+
 def _layer():
-    """A LIB basis of the MLP's layer h0 (d = 6), float64."""
-    return build_graphs(MLP(), MLP_LAYERS, [mlp_inputs(n=50)], kinds=("lib",))["lib"].layers[1]
+    return _layers()[0]
 
 
 def _chunk(batch: int, pos_in: int, pos_out: int, k_out: int, d_in: int, seed: int = 0):
@@ -81,6 +86,20 @@ def test_edges_of_float32_rows_make_no_float64_copy_of_them():
     with _LargestFloat64() as seen:
         edges_update(acts, g32, layer)
     assert seen.numel < g32[:, 0].numel()  # f̂ (batch, pos_in, k_in) and the sum (k_out, k_in) only
+
+
+def test_edges_of_rows_in_neurons_are_those_of_their_projection():
+    """Rows in neurons with ``basis_out``: float64 projects first (main's order, bit for bit); float32
+    projects the attributions instead (linear in the rows), within float32 rounding."""
+    layer_in, layer_out = _layers()
+    acts, jac = _chunk(30, 3, 2, layer_out.d, layer_in.d)
+    projected = edges_update(acts, project(jac, layer_out), layer_in)
+    assert torch.equal(edges_update(acts, jac, layer_in, layer_out), projected)
+    for rows in (jac.float(), jac[:1].float()):  # per example, and one shared by the chunk
+        exact = edges_update(acts, project(rows.double(), layer_out), layer_in)
+        low = edges_update(acts, rows, layer_in, layer_out)
+        assert low.shape == exact.shape == (layer_out.d_lib, layer_in.d_lib)
+        assert (low - exact).abs().max() <= 1e-5 * exact.abs().max()
 
 
 def test_m_prime_of_float32_rows_keeps_their_null_space():
