@@ -1,11 +1,12 @@
 """The chunk sums of float32 Jacobians: products in float32, each chunk's sum rounded to float64.
 
 With ``dtype=float32`` the Jacobians are float32; the build adds the chunks' partial sums in float64.
-Converting each chunk's ĝ to float64 before its products (what float64 Jacobians get) cost a fifth of
-the training callback's build (issue 16). Here the edges are taken in float32: their products run over
-``d_in`` terms and their chunk sum over the examples, both well inside float32's range and with errors
-at the level the float32 Jacobians already have (measured in benchmarks/README.md: no logged count
-changes). M′ is not: see :func:`~lib_lightning.core.lib.jacobian.m_prime_update`.
+Converting each chunk's ĝ to float64 for float64 products (what float64 Jacobians get) took about a
+fifth of the training callback's build (issue 16). Here the edges are taken in float32: their products
+run over ``d_in`` terms and their chunk sum over the examples, with errors at the level the float32
+Jacobians already have (measured in benchmarks/README.md: no logged count changes); a chunk whose sum
+overflows float32 is taken again in float64 by the caller. M′ is not taken in float32: see
+:func:`~lib_lightning.core.lib.jacobian.m_prime_update`.
 
 The edge attributions are linear in ĝ's rows, so the edges of rows in neurons projected onto a basis
 equal the projection of the neurons' attributions: J̄ C⁺ᵀ f̂ first, summed over the input positions,

@@ -324,9 +324,12 @@ def edges_update(
     ``basis_out``: ``g`` holds rows in neurons, and the edges are those of ĝ = :func:`project` (g, basis_out).
     A float32 ĝ gives its attributions and their chunk sum in float32 (rounded to float64 after the sum
     over the chunk; the build adds the chunks in float64), rows in neurons projected after the attributions
-    (:mod:`lib_lightning.core.lib.float32_sums`); any other ĝ: projected first, float64 throughout."""
+    (:mod:`lib_lightning.core.lib.float32_sums`); any other ĝ: projected first, float64 throughout. A
+    float32 chunk whose sum overflows float32 (attributions beyond ~1e19) is taken again in float64."""
     if _in_float32(g):
-        return edges_update_float32(acts, g, basis_in, basis_out)
+        sums = edges_update_float32(acts, g, basis_in, basis_out)
+        if bool(torch.isfinite(sums).all()):
+            return sums
     if basis_out is not None:
         g = project(g, basis_out)
     a = edge_attributions(acts, g, basis_in)

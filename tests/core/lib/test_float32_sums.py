@@ -102,6 +102,18 @@ def test_edges_of_rows_in_neurons_are_those_of_their_projection():
         assert (low - exact).abs().max() <= 1e-5 * exact.abs().max()
 
 
+def test_float32_edges_that_overflow_float32_are_taken_in_float64():
+    layer_in, layer_out = _layers()
+    acts, jac = _chunk(30, 3, 2, layer_out.d, layer_in.d)
+    jac32 = jac.float() * 1e18  # attributions ~1e19 and more: their squares overflow float32
+    e = edges_update(acts, jac32, layer_in, layer_out)
+    assert torch.isfinite(e).all() and e.abs().max() > torch.finfo(torch.float32).max
+    # main's float32 path: ĝ projected in float32, its attributions in float64
+    assert torch.equal(e, edge_attributions(acts, project(jac32, layer_out), layer_in).square_().sum(dim=(0, 1)))
+    exact = edges_update(acts, project(jac32.double(), layer_out), layer_in)
+    assert (e - exact).abs().max() <= 1e-5 * exact.abs().max()
+
+
 def test_m_prime_of_float32_rows_keeps_their_null_space():
     """Fewer rows than inputs (an unembedding with fewer logits than d_model): M′ must stay singular to
     float64 rounding, or the truncation keeps directions the rows never reach (a float32 product left
