@@ -201,6 +201,7 @@ def _callback_child(args) -> None:
     code built is whichever ``lib_lightning`` PYTHONPATH gives (the parent checks which)."""
     import pickle
 
+    import lib_lightning
     from lib_lightning.core.lib import build_graphs
 
     torch.set_num_threads(args.threads)
@@ -212,8 +213,6 @@ def _callback_child(args) -> None:
     wall = time.perf_counter() - start
     with open(args.save, "wb") as f:
         pickle.dump(graphs, f)
-    import lib_lightning
-
     print(json.dumps({"wall_s": wall, "code": lib_lightning.__file__}))
 
 
