@@ -10,6 +10,8 @@ of the same kind for the edges. Each measurement runs in its own subprocess so t
     python benchmarks/lib_build.py                 # side-by-side run, prints a Markdown table
     python benchmarks/lib_build.py --repeats 3 --threads 1 --sizes 1000 3830 12769
     python benchmarks/lib_build.py --callback-setting --repeats 5   # the training callback's build, old vs new
+    git worktree add /tmp/old main && python benchmarks/lib_build.py --callback-setting --old-tree /tmp/old \
+        --repeats 5 --ckpt $PWD/checkpoints/modadd/version_0/checkpoints/last.ckpt   # main's code vs this tree's
 
 ``-noprobe`` implementations run with ``affine_probe=False``: every chunk per example, main's code path
 before the affine fast path (core/lib/affine.py), kept reachable to measure old against new.
@@ -190,6 +192,95 @@ def _callback_setting(args) -> None:
           f"{graphs[True].dims} vs {graphs[False].dims}; max rel. difference Λ {lam:.1e}, edges {edge:.1e} (of the largest)")
 
 
+CALLBACK_BUILD = dict(kinds=("lib", "pca"), chunk_size=256, cache_bytes=512 << 20, check_cuts=False,
+                      memory_budget_bytes=None)  # configs/modadd.yaml's LIB callback (its checks run beforehand)
+
+
+def _callback_child(args) -> None:
+    """One process: a warm-up build in the callback's setting, then a timed one; saves the graphs. The
+    code built is whichever ``lib_lightning`` PYTHONPATH gives (the parent checks which)."""
+    import pickle
+
+    import lib_lightning
+    from lib_lightning.core.lib import build_graphs
+
+    torch.set_num_threads(args.threads)
+    model, tokens = _model_and_data(400, args.ckpt)
+    dtype = getattr(torch, args.dtype)
+    build_graphs(model, LAYERS, [tokens], dtype=dtype, **CALLBACK_BUILD)
+    start = time.perf_counter()
+    graphs = build_graphs(model, LAYERS, [tokens], dtype=dtype, **CALLBACK_BUILD)
+    wall = time.perf_counter() - start
+    with open(args.save, "wb") as f:
+        pickle.dump(graphs, f)
+    print(json.dumps({"wall_s": wall, "code": lib_lightning.__file__}))
+
+
+CONTINUOUS = ("participation_ratio", "effective_rank", "gini", "modularity")  # every other logged metric counts
+
+
+def _compare_callback_graphs(paths: dict[str, str]) -> None:
+    """Λ and edge differences between the saved builds, and every metric summarise() logs from them."""
+    import pickle
+
+    from float32_error import _relative_errors
+
+    from lib_lightning.core.metrics.summary import SummaryOptions, summarise
+
+    graphs = {}
+    for name, path in paths.items():
+        with open(path, "rb") as f:
+            graphs[name] = pickle.load(f)
+    metrics = {name: summarise(g, SummaryOptions()).metrics for name, g in graphs.items()}
+    for a, b in (("float64", "old"), ("float64", "new"), ("old", "new")):
+        for kind in ("lib", "pca"):
+            errs = [_relative_errors(graphs[a][kind], graphs[b][kind], floor) for floor in (1e-4, 1e-8)]
+            same = graphs[a][kind].dims == graphs[b][kind].dims
+            print(f"{b} vs {a}, {kind}: dims {'equal' if same else 'DIFFER'} {graphs[b][kind].dims}; max rel. difference"
+                  f" Λ {errs[0][0]:.1e} (above 1e-4 of the largest) / {errs[1][0]:.1e} (above 1e-8), edges {errs[0][1]:.1e}"
+                  f" / {errs[1][1]:.1e} (of the section's largest, between those features)")
+        ma, mb = metrics[a], metrics[b]
+        diff = {k: abs(ma[k] - mb[k]) / max(abs(ma[k]), abs(mb[k]), 1e-300) for k in ma if ma[k] != mb[k]}
+        worst = max(diff, key=diff.get) if diff else None
+        print(f"  logged metrics {b} vs {a}: {len(ma)} compared, {len(ma) - len(diff)} bit-identical"
+              + (f", largest relative difference {diff[worst]:.1e} ({worst})" if worst else ""))
+        counts = [k for k in diff if not k.endswith(CONTINUOUS)]
+        print(f"  counts (or ratios of counts) that differ: {counts or 'none'}")
+
+
+def _callback_against_tree(args) -> None:
+    """Main's code (a worktree at ``--old-tree``) against this tree's, alternating one child process each."""
+    tmp = os.environ.get("TMPDIR", "/tmp")
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    trees = {"old": os.path.abspath(args.old_tree), "new": here}
+
+    def child(name: str, dtype: str = "float32") -> float:
+        tree = trees[name]
+        cmd = [sys.executable, os.path.abspath(__file__), "--callback-child",
+               "--dtype", dtype, "--threads", str(args.threads), "--save", f"{tmp}/callback_{name}_{dtype}.pkl"]
+        cmd += ["--ckpt", args.ckpt] if args.ckpt else []
+        env = {**os.environ, "PYTHONPATH": tree, "OMP_NUM_THREADS": str(args.threads)}
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=tree, env=env).stdout
+        result = json.loads(out.strip().splitlines()[-1])
+        if not result["code"].startswith(tree + os.sep):
+            raise RuntimeError(f"the {name} child imported lib_lightning from {result['code']}, not from {tree}")
+        return result["wall_s"]
+
+    print(f"threads={args.threads} load before={os.getloadavg()} ckpt={args.ckpt} old tree={trees['old']}")
+    times: dict[str, list[float]] = {"old": [], "new": []}
+    for r in range(args.repeats):  # alternating, the order swapped every repeat
+        for name in ("old", "new") if r % 2 == 0 else ("new", "old"):
+            times[name].append(child(name))
+    print(f"load after={os.getloadavg()}")
+    for name in ("old", "new"):
+        runs = ", ".join(f"{t:.2f}" for t in times[name])
+        print(f"{name}: median {statistics.median(times[name]):.2f} s per build (runs {runs})")
+    print(f"old / new: {statistics.median(times['old']) / statistics.median(times['new']):.2f}x")
+    child("new", "float64")
+    _compare_callback_graphs({"float64": f"{tmp}/callback_new_float64.pkl", "old": f"{tmp}/callback_old_float32.pkl",
+                              "new": f"{tmp}/callback_new_float32.pkl"})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--impl", choices=IMPLS)
@@ -197,6 +288,11 @@ def main() -> None:
     parser.add_argument("--callback-setting", action="store_true",
                         help="time build_graphs as configs/modadd.yaml's callback calls it (lib+pca, 400 examples, "
                         "float32), affine probe on and off alternating; --repeats runs of each")
+    parser.add_argument("--old-tree", default=None,
+                        help="with --callback-setting: time main's code from this worktree against this tree's "
+                        "instead (one child process per build, alternating) and compare what they log")
+    parser.add_argument("--callback-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"], help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=3830)
     parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 3830, 12769])
     parser.add_argument("--repeats", type=int, default=3)
@@ -211,8 +307,11 @@ def main() -> None:
     if args.impl:
         _child(args)
         return
+    if args.callback_child:
+        _callback_child(args)
+        return
     if args.callback_setting:
-        _callback_setting(args)
+        (_callback_against_tree if args.old_tree else _callback_setting)(args)
         return
 
     def run(impl: str, n: int, save: str | None = None, chunk_size: int | None = None, reverse: bool = False) -> dict:

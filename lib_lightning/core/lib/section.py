@@ -188,16 +188,18 @@ def jacobian_pass(
         probe = probe and (is_shared(acts, jac) or acts.shape[0] < 2)
         count += acts.shape[0] * acts.shape[1]
         for kind in kinds:
-            g = jac if shared is not None else project(jac, out_bases[kind])
+            rows_in = None if shared is not None else out_bases[kind]  # rows in neurons: project onto it
             if kind == "lib":  # the edges wait for this section's basis, built from M′
+                g = jac if rows_in is None else project(jac, rows_in)
                 m_sum = accumulate(m_sum, m_prime_update(g, acts.shape[0] if is_shared(acts, g) else 1))
                 pending["lib"].add(chunk)
                 cache.put(chunk, acts, g)
+                del g
             elif section.reusable(in_bases[kind], acts):
-                edge_sums[kind] = accumulate(edge_sums[kind], edges_update(acts, g, in_bases[kind]))
+                edge_sums[kind] = accumulate(edge_sums[kind], edges_update(acts, jac, in_bases[kind], rows_in))
             else:
                 pending[kind].add(chunk)
-        del acts, jac, g
+        del acts, jac
         report(section.phase("jacobians"), chunk + 1, 0)
     return JacobianSums(m_sum, count, edge_sums, pending)
 
