@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from callbacks.lib_analysis import LIBAnalysis
 from callbacks.llc import LLCCallback
 from lib_lightning.data.modadd import ModularAdditionDataModule
+from lib_lightning.runtime import num_threads
 from lib_lightning.tasks.classifier import ModularAddition
 
 SMALL = dict(p=23, d_model=32, n_heads=2, d_head=16, d_mlp=64)
@@ -248,18 +249,23 @@ def _csv_llc(log_dir):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_equals_single_process(tmp_path):
+def test_two_process_ddp_equals_single_process(tmp_path, monkeypatch):
     """Chains split over two CPU processes, sums reduced: the logged LLC equals the one-process value.
 
+    Every process runs one torch thread: without OMP_NUM_THREADS, Lightning gives each DDP process
+    cores // processes threads while the single process keeps torch's default, and the chains' float
+    sums then differ by a few 1e-6 (a different reduction order, not a different estimate).
     Slow only because spawning two processes costs 8–20 s on the shared machine.
     """
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # read by the spawned processes' torch; Lightning leaves it
     results = {}
     for devices, strategy in ((1, "auto"), (2, "ddp_spawn")):
         root = tmp_path / str(devices)
         logger = CSVLogger(root, name="", version="")
         callback = LLCCallback(schedule="every", every_n_steps=5, log_traces=False, **{**FAST, "num_chains": 4},
                                **REFINED)
-        _fit(root, 10, callbacks=[callback], logger=logger, accelerator="cpu", devices=devices, strategy=strategy)
+        with num_threads(1):
+            _fit(root, 10, callbacks=[callback], logger=logger, accelerator="cpu", devices=devices, strategy=strategy)
         results[devices] = _csv_llc(root)
     assert sorted(results[1]) == [5, 10]
     assert results[1].keys() == results[2].keys()
