@@ -13,7 +13,7 @@ plus counts over the batches, divided at the end.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,7 @@ __all__ = [
     "NodeAblation",
     "substitute",
     "evaluate",
+    "evaluate_logits",
     "evaluation_update",
     "ablation_schedule",
     "smallest_passing",
@@ -59,6 +60,12 @@ class Evaluation:
     @property
     def accuracy(self) -> float:
         return self.correct_sum / self.count
+
+    @classmethod
+    def from_sums(cls, sums: torch.Tensor) -> Evaluation:
+        """From a ``(loss_sum, correct_sum, count)`` tensor (:func:`evaluation_update`, summed over batches)."""
+        loss_sum, correct_sum, count = sums.tolist()
+        return cls(loss_sum, correct_sum, int(count))
 
 
 @dataclass(frozen=True)
@@ -120,20 +127,28 @@ def evaluation_update(logits: Any, labels: torch.Tensor) -> torch.Tensor:
     return torch.stack([loss, correct, torch.tensor(float(labels.shape[0]), dtype=torch.float64, device=logits.device)])
 
 
+def evaluate_logits(batches: Iterable[tuple[Any, torch.Tensor]]) -> Evaluation:
+    """Cross-entropy and accuracy of ``(logits, labels)`` batches, summed then divided.
+
+    Raises:
+        ValueError: for no batch or logits that are not ``(batch, classes)``.
+    """
+    total = None
+    for logits, labels in batches:
+        part = evaluation_update(logits, labels)
+        total = part if total is None else total + part
+    if total is None or total[2] == 0:
+        raise ValueError("the evaluation data is empty: no batch was given")
+    return Evaluation.from_sums(total)
+
+
 def evaluate(run: Callable[[Any], Any], data: Data) -> Evaluation:
     """Cross-entropy and accuracy of ``run(inputs)`` (logits) against the labels of every batch.
 
     Raises:
         ValueError: for empty data or outputs that are not ``(batch, classes)``.
     """
-    total = None
-    for inputs, labels in data:
-        part = evaluation_update(run(inputs), labels)
-        total = part if total is None else total + part
-    if total is None or total[2] == 0:
-        raise ValueError("the evaluation data is empty: no batch was given")
-    loss_sum, correct_sum, count = total.tolist()
-    return Evaluation(loss_sum, correct_sum, int(count))
+    return evaluate_logits((run(inputs), labels) for inputs, labels in data)
 
 
 def ablation_schedule(n: int, dense_up_to: int = 10, base: float = 1.05) -> list[int]:
@@ -227,7 +242,7 @@ def _node_curve(section: Section, basis: LayerBasis, data: Data, schedule: list[
     for (inputs, labels), f in zip(data, feats):
         sums = _node_sums(section, basis, inputs, labels, f, ks, stacked, affine, max_rows)
         total = [t + s.to(t.device) for t, s in zip(total, sums)]
-    evals = {k: Evaluation(t[0].item(), t[1].item(), int(t[2].item())) for k, t in zip(ks, total)}
+    evals = {k: Evaluation.from_sums(t) for k, t in zip(ks, total)}
     return [evals.get(k, baseline) for k in schedule]
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lib_lightning.core.interpret.ablation import (
-    Data, Evaluation, check_data, evaluate, evaluation_update, substitute,
+    Data, Evaluation, check_data, evaluate, evaluate_logits, substitute,
 )
 from lib_lightning.core.interpret.edge_columns import ColumnCache, affine_columns, new_columns
 from lib_lightning.core.interpret.sections import (
@@ -141,22 +141,16 @@ def _evaluate_features(section: Section, basis_out: LayerBasis, data: Data, feat
                        rest: AffineMap | None):
     """Accuracy and loss with ``section.layer_out``'s activation replaced by each batch's ``feats_out``
     (``rest``: the rest of the model as an affine map of those features, then no forward runs)."""
-    total = None
-    for (inputs, labels), feats in zip(data, feats_out):
+    def logits(inputs: Any, feats: torch.Tensor) -> Any:
         if rest is not None:
-            logits = rest(feats)
-        else:
-            act_out = basis_out.reconstruct(feats)  # (batch, pos_out, d_out)
-            logits = substitute(section.model, section.layer_out, lambda act: act_out.to(act.dtype), inputs,
-                                section.forward)
-        part = evaluation_update(logits, labels)
-        total = part if total is None else total + part
-    loss_sum, correct_sum, count = total.tolist()
-    return Evaluation(loss_sum, correct_sum, int(count))
+            return rest(feats)
+        act_out = basis_out.reconstruct(feats)  # (batch, pos_out, d_out)
+        return substitute(section.model, section.layer_out, lambda act: act_out.to(act.dtype), inputs, section.forward)
+
+    return evaluate_logits((logits(inputs, feats), labels) for (inputs, labels), feats in zip(data, feats_out))
 
 
-def _reuse_evaluator(section: Section, basis_in: LayerBasis, basis_out: LayerBasis, data: Data, skip: bool,
-                     max_rows: int):
+def _reuse_evaluator(section: Section, basis_in: LayerBasis, basis_out: LayerBasis, data: Data, max_rows: int):
     """``(at, cache)``: ``at(mask)`` evaluates the model with the edges outside ``mask`` ablated, running
     only the rows of the mask that ``cache`` lacks (none for an affine section)."""
     feats_in = [basis_in.transform(capture(section.model, [section.layer_in], x, section.forward)[0]) for x, _ in data]
@@ -249,7 +243,7 @@ def edge_ablation(
         baseline = evaluate(lambda inputs: forward(model, inputs), data)
         target = baseline.accuracy - tolerance
         if reuse:
-            evaluate_mask, cache = _reuse_evaluator(part, basis_in, basis_out, data, skip, max_rows)
+            evaluate_mask, cache = _reuse_evaluator(part, basis_in, basis_out, data, max_rows)
         else:
             cache = None
             probe = torch.stack([edge_mask(edges, n_edges, skip)[0], edge_mask(edges, 0, skip)[0]])  # all, constant
