@@ -165,20 +165,24 @@ def _compare(a_path: str, b_path: str) -> tuple[float, float]:
     return lam_err, edge_err
 
 
+CALLBACK_BUILD = dict(kinds=("lib", "pca"), chunk_size=256, cache_bytes=512 << 20, check_cuts=False,
+                      memory_budget_bytes=None)  # configs/modadd.yaml's LIB callback (its checks run beforehand)
+
+
 def _callback_setting(args) -> None:
     """The training callback's build (configs/modadd.yaml: kinds lib and pca, 400 training pairs, float32
     Jacobians, chunks of 256, a 512 MB cache, checks done beforehand), new and old alternating in one
     process; prints medians and the largest relative difference of Λ and edges between the two."""
     torch.set_num_threads(args.threads)
     model, tokens = _model_and_data(400, args.ckpt)
-    options = dict(kinds=("lib", "pca"), check_cuts=False, memory_budget_bytes=None)
     times: dict[bool, list[float]] = {True: [], False: []}
     phases: dict[bool, dict[str, float]] = {}
     graphs: dict[bool, object] = {}
     for _ in range(args.repeats):
         for probe in (True, False):
             start = time.perf_counter()
-            graphs[probe], phases[probe] = run_ours(model, tokens, 256, 512 << 20, torch.float32, "activation", probe, **options)
+            graphs[probe], phases[probe] = run_ours(model, tokens, dtype=torch.float32, affine_probe=probe,
+                                                    **CALLBACK_BUILD)
             times[probe].append(time.perf_counter() - start)
     lam = max(((a.lambdas - b.lambdas).abs() / b.lambdas.abs().max()).max().item()
               for a, b in zip(graphs[True].layers, graphs[False].layers))
@@ -190,10 +194,6 @@ def _callback_setting(args) -> None:
         print(f"{name}: median {statistics.median(times[probe]):.2f} s (runs {runs}); phases of the last run: {split}")
     print(f"old / new: {statistics.median(times[False]) / statistics.median(times[True]):.2f}x; dims "
           f"{graphs[True].dims} vs {graphs[False].dims}; max rel. difference Λ {lam:.1e}, edges {edge:.1e} (of the largest)")
-
-
-CALLBACK_BUILD = dict(kinds=("lib", "pca"), chunk_size=256, cache_bytes=512 << 20, check_cuts=False,
-                      memory_budget_bytes=None)  # configs/modadd.yaml's LIB callback (its checks run beforehand)
 
 
 def _callback_child(args) -> None:
