@@ -20,7 +20,6 @@ from torch import nn
 from lib_lightning.core.lib.basis import LayerBasis
 from lib_lightning.core.lib.batch import batch_size as _nested_batch_size
 from lib_lightning.core.lib.capture import Forward, NodeLayer, capture, run_section, select_examples
-from lib_lightning.core.lib.float32_sums import edges_update_float32
 from lib_lightning.core.lib.integration import IntegrationRule
 
 __all__ = [
@@ -296,21 +295,24 @@ def m_prime_update(g: torch.Tensor, repeat: int = 1) -> torch.Tensor:
     return m if repeat == 1 else m.mul_(repeat)
 
 
-def edge_attributions(acts: torch.Tensor, g: torch.Tensor, basis_in: LayerBasis) -> torch.Tensor:
+def edge_attributions(
+    acts: torch.Tensor, g: torch.Tensor, basis_in: LayerBasis, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
     """Per-example attributions A ``(batch, pos_out, k_out, k_in)`` of the spec's squared edges (§4).
 
     A_{t,i,j}(x) = Σ_s [∂ĥ_{t,i}/∂f̂_{s,j}] f̂_{s,j}(x) with ∂ĥ/∂f̂ = ĝ C⁺ᵀ and ĝ = J̄ C^{l+1} (see
     :func:`project`); the α-sum is already inside J̄. One matrix product per input position over the
-    whole chunk. The constant coordinate carries no gradient, so only C⁺'s first d columns enter.
-    A ĝ of batch 1 is shared by every example (an affine chunk): ĝ C⁺ᵀ is taken once.
+    whole chunk, in ``dtype`` (f̂ is taken in float64, then rounded to it). The constant coordinate
+    carries no gradient, so only C⁺'s first d columns enter. A ĝ of batch 1 is shared by every example
+    (an affine chunk): ĝ C⁺ᵀ is taken once.
     """
     n_g, pos_in, pos_out, k_out, d_in = g.shape
     batch = acts.shape[0]
-    f_hat = basis_in.transform(acts.to(torch.float64))  # (batch, pos_in, k_in)
-    pinv_t = basis_in.basis_pinv[:, :d_in].T  # (d_in, k_in)
+    f_hat = basis_in.transform(acts.to(torch.float64)).to(dtype)  # (batch, pos_in, k_in)
+    pinv_t = basis_in.basis_pinv[:, :d_in].T.to(dtype)  # (d_in, k_in)
     a = None
     for s in range(pos_in):
-        part = torch.matmul(g[:, s].reshape(n_g, pos_out * k_out, d_in).to(torch.float64), pinv_t)
+        part = torch.matmul(g[:, s].reshape(n_g, pos_out * k_out, d_in).to(dtype), pinv_t)
         part = part.mul_(f_hat[:, s, None, :]) if n_g == batch else part * f_hat[:, s, None, :]
         a = part if a is None else a.add_(part)
     return a.view(batch, pos_out, k_out, pinv_t.shape[1])  # k_in explicit: a layer may keep no feature
@@ -322,12 +324,18 @@ def edges_update(
     """Partial sum Σ_x Σ_t A² ``(k_out, k_in)`` in float64 of the squared edges; divide by N·P_in for E.
 
     ``basis_out``: ``g`` holds rows in neurons, and the edges are those of ĝ = :func:`project` (g, basis_out).
-    A float32 ĝ gives its attributions and their chunk sum in float32 (rounded to float64 after the sum
-    over the chunk; the build adds the chunks in float64), rows in neurons projected after the attributions
-    (:mod:`lib_lightning.core.lib.float32_sums`); any other ĝ: projected first, float64 throughout. A
-    float32 chunk whose sum overflows float32 (attributions beyond ~1e19) is taken again in float64."""
+    A float32 ĝ gives its attributions and their chunk sum in float32, rounded to float64 after the sum
+    over the chunk (the build adds the chunks in float64): no float64 copy of ĝ, which took about a fifth
+    of the training callback's build, with errors at the float32 Jacobians' own level (no logged count
+    changes, benchmarks/README.md). Its rows in neurons are projected after the attributions, which are
+    linear in them: C^{l+1}ᵀ once per example instead of once per input position. Any other ĝ: projected
+    first, float64 throughout. A float32 chunk whose sum overflows float32 (attributions beyond ~1e19) is
+    taken again in float64."""
     if _in_float32(g):
-        sums = edges_update_float32(acts, g, basis_in, basis_out)
+        a = edge_attributions(acts, g, basis_in, torch.float32)  # (batch, pos_out, k_out or d_out, k_in)
+        if basis_out is not None:
+            a = torch.matmul(basis_out.basis[: g.shape[3]].to(torch.float32).T, a)  # constant row left out
+        sums = a.square_().sum(dim=(0, 1)).to(torch.float64)
         if bool(torch.isfinite(sums).all()):
             return sums
     if basis_out is not None:
