@@ -165,13 +165,13 @@ def _compare(a_path: str, b_path: str) -> tuple[float, float]:
     return lam_err, edge_err
 
 
-CALLBACK_BUILD = dict(kinds=("lib", "pca"), chunk_size=256, cache_bytes=512 << 20, check_cuts=False,
+CALLBACK_BUILD = dict(kinds=("lib", "pca"), chunk_size=512, cache_bytes=512 << 20, check_cuts=False,
                       memory_budget_bytes=None)  # configs/modadd.yaml's LIB callback (its checks run beforehand)
 
 
 def _callback_setting(args) -> None:
     """The training callback's build (configs/modadd.yaml: kinds lib and pca, 400 training pairs, float32
-    Jacobians, chunks of 256, a 512 MB cache, checks done beforehand), new and old alternating in one
+    Jacobians, one chunk of all 400 (chunk_size 512), a 512 MB cache, checks done beforehand), new and old alternating in one
     process; prints medians and the largest relative difference of Λ and edges between the two."""
     torch.set_num_threads(args.threads)
     model, tokens = _model_and_data(400, args.ckpt)
