@@ -24,12 +24,12 @@ from torch import nn
 
 from lib_lightning.core.lib import batch as nested
 from lib_lightning.core.lib.basis import LayerBasis
-from lib_lightning.core.lib.capture import Forward, NodeLayer, resolve_modules, run_section, substituted
+from lib_lightning.core.lib.capture import Forward, NodeLayer, capture, resolve_modules, run_section, substituted
 from lib_lightning.core.lib.nodes import register_hook
 
 __all__ = [
     "Section", "AffineMap", "row_plan", "stacking_holds", "affine_map", "affine_holds", "probe_masks", "section_mode",
-    "identity", "single_runs",
+    "identity", "single_runs", "layer_features",
 ]
 
 ULP_TOLERANCE = 1e3  # agreement required by the probes, in units of the dtype's eps
@@ -102,6 +102,18 @@ class Section:
             got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
             raise RuntimeError(f"stacked section returned {got}, expected {acts.shape[0]} rows")
         return output
+
+
+def layer_features(section: Section, basis: LayerBasis, data) -> tuple[list[torch.Tensor], torch.dtype]:
+    """``layer_in``'s features ``(batch, pos_in, k_in)`` on each batch of ``data`` (``(inputs, labels)``
+    pairs), captured once, and the dtype the model computes that layer in (the dtype to hand its
+    substituted values over in)."""
+    feats, dtype = [], None
+    for inputs, _ in data:
+        (act,) = capture(section.model, [section.layer_in], inputs, section.forward)  # (batch, pos_in, d_in)
+        feats.append(basis.transform(act))
+        dtype = act.dtype
+    return feats, dtype
 
 
 def identity(out: torch.Tensor) -> torch.Tensor:
