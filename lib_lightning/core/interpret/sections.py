@@ -17,6 +17,7 @@ features, and :func:`affine_holds` accepts it only if it reproduces real forward
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable
 
 import torch
@@ -68,9 +69,14 @@ class Section:
         return run_section(self.model, self.layer_in, self.layer_out, inputs, lambda act: acts.to(act.dtype),
                            self.forward)
 
+    @cached_property
+    def _modules(self) -> list[nn.Module]:
+        """The modules of ``layer_in`` (and ``layer_out``), resolved once: a run resolving them by name walked
+        every module of the model."""
+        return resolve_modules(self.model, [self.layer_in] + ([] if self.layer_out is None else [self.layer_out]))
+
     def _stacked(self, inputs: Any, acts: torch.Tensor, c: int) -> torch.Tensor:
-        layers = [self.layer_in] + ([] if self.layer_out is None else [self.layer_out])
-        modules = resolve_modules(self.model, layers)
+        modules = self._modules
         result: list[torch.Tensor] = []
 
         def replace(value: torch.Tensor) -> torch.Tensor:
