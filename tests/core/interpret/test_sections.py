@@ -107,12 +107,16 @@ def test_stacking_probe_refuses_a_model_that_reads_context_across_the_section():
     torch.testing.assert_close(new.loss, old.loss, **TOL)
 
 
-def test_column_cache_runs_each_row_mask_once_and_keeps_the_bracket():
+def _h0_section(kind="lib"):
+    """The MLP's section h0 -> h1 with its bases in the ``kind`` graph: (model, x, graph, basis_in, basis_out, section)."""
     model = MLP(seed=3)
     graphs, x = _graphs(model)
-    g = graphs["lib"]
-    basis_in, basis_out = g.layers[1], g.layers[2]
-    section = Section(model, default_forward, NodeLayer("h0"), NodeLayer("h1"))
+    g = graphs[kind]
+    return model, x, g, g.layers[1], g.layers[2], Section(model, default_forward, NodeLayer("h0"), NodeLayer("h1"))
+
+
+def test_column_cache_runs_each_row_mask_once_and_keeps_the_bracket():
+    model, x, g, basis_in, basis_out, section = _h0_section()
     batches = [(x[:40], None), (x[40:], None)]
     with torch.no_grad():
         feats = [basis_in.transform(capture(model, [section.layer_in], b)[0]) for b, _ in batches]
@@ -210,10 +214,7 @@ def test_copy_updates_equal_one_evaluation_update_per_copy(dtype):
 
 
 def test_layer_features_are_the_captured_features_and_the_models_dtype():
-    model = MLP(seed=3)
-    graphs, x = _graphs(model)
-    basis = graphs["lib"].layers[1]
-    section = Section(model, default_forward, NodeLayer("h0"), NodeLayer("h1"))
+    model, x, _, basis, _, section = _h0_section()
     for dtype in (torch.float64, torch.float32):
         data = [(x[:40].to(dtype), None), (x[40:].to(dtype), None)]
         with torch.no_grad(), analysis_mode(model, dtype):
@@ -226,11 +227,7 @@ def test_layer_features_are_the_captured_features_and_the_models_dtype():
 
 def test_new_columns_in_the_models_dtype_equal_the_cast_in_the_hook():
     """Masked values rounded once to float32 before the forward are the values the hook would cast."""
-    model = MLP(seed=3)
-    graphs, x = _graphs(model)
-    g = graphs["pca"]
-    basis_in, basis_out = g.layers[1], g.layers[2]
-    section = Section(model, default_forward, NodeLayer("h0"), NodeLayer("h1"))
+    model, x, g, basis_in, basis_out, section = _h0_section("pca")
     with torch.no_grad(), analysis_mode(model, torch.float32):
         x = x.float()
         feats, dtype = layer_features(section, basis_in, [(x[:40], None), (x[40:], None)])
