@@ -201,6 +201,8 @@ def test_copy_updates_equal_one_evaluation_update_per_copy(dtype):
     copies, batch, classes = 4, 9, 5
     logits = (torch.randn(copies * batch, classes, generator=gen, dtype=torch.float64) * 3).to(dtype)
     labels = torch.randint(0, classes, (batch,), generator=gen)
+    logits[::batch, :2] = 10.0  # example 0 of every copy: a tie for the top class, broken towards class 0
+    labels[0] = 1  # so that it counts as wrong
     got = copy_updates(logits, labels, copies)  # (copies, 3)
     want = torch.stack([evaluation_update(part, labels) for part in logits.split(batch)])
     assert got.dtype == torch.float64 and got.shape == (copies, 3)
