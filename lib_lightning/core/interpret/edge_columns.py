@@ -91,7 +91,7 @@ def _batch_columns(section: Section, stacked: bool, basis_in: LayerBasis, basis_
     batch = feats.shape[0]
     n_groups = groups.shape[0]
     examples, copies = row_plan(batch, n_groups, max_rows) if stacked else (batch, 1)
-    kept = [torch.nonzero(g).squeeze(1) for g in groups]  # the input features of each mask
+    kept = [torch.nonzero(g).squeeze(1).to(feats.device) for g in groups]  # the input features of each mask
     directions = [basis_in.basis_pinv[cols, :-1] for cols in kept]  # (kept, d_in) rows of C⁺
     readers = [basis_out.basis[:, rows] for rows in members]  # (d_out + 1, m) columns of C
     parts: list[list[torch.Tensor]] = [[] for _ in range(n_groups)]
