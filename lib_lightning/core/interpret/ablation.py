@@ -21,10 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib_lightning.core.interpret.sections import Section, identity, probe_masks, row_plan, section_mode
+from lib_lightning.core.interpret.sections import (
+    Section, identity, layer_features, probe_masks, row_plan, section_mode,
+)
 from lib_lightning.core.lib import batch as nested
 from lib_lightning.core.lib.basis import LayerBasis
-from lib_lightning.core.lib.capture import Forward, NodeLayer, capture, default_forward, substituted
+from lib_lightning.core.lib.capture import Forward, NodeLayer, default_forward, substituted
 from lib_lightning.core.lib.graph import InteractionGraph
 from lib_lightning.core.lib.modes import analysis_mode, prepare_inputs
 
@@ -35,6 +37,7 @@ __all__ = [
     "evaluate",
     "evaluate_logits",
     "evaluation_update",
+    "copy_updates",
     "ablation_schedule",
     "smallest_passing",
     "node_ablation",
@@ -127,6 +130,27 @@ def evaluation_update(logits: Any, labels: torch.Tensor) -> torch.Tensor:
     return torch.stack([loss, correct, torch.tensor(float(labels.shape[0]), dtype=torch.float64, device=logits.device)])
 
 
+def copy_updates(logits: Any, labels: torch.Tensor, copies: int) -> torch.Tensor:
+    """``(copies, 3)`` float64: :func:`evaluation_update` of each of ``copies`` copies of one batch stacked
+    along the batch dimension (``logits`` ``(copies * batch, classes)``, copy j in rows
+    ``j * batch : (j + 1) * batch``), as one reduction; the loss sums may differ from it in the last bits
+    (another summation order).
+
+    Raises:
+        ValueError: for logits that are not ``(copies * batch, classes)``.
+    """
+    batch = labels.shape[0]
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != copies * batch:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"forward(model, inputs) must return ({copies} x {batch}, classes) logits, got {shape}")
+    logits = logits.to(torch.float64)
+    labels = labels.to(logits.device).repeat(copies)  # (copies * batch,)
+    loss = F.cross_entropy(logits, labels, reduction="none").view(copies, batch).sum(1)
+    predicted = logits.max(-1).indices  # argmax's first maximal index, in half argmax's time on CPU
+    correct = (predicted == labels).view(copies, batch).sum(1).to(torch.float64)
+    return torch.stack([loss, correct, torch.full_like(loss, float(batch))], dim=1)
+
+
 def evaluate_logits(batches: Iterable[tuple[Any, torch.Tensor]]) -> Evaluation:
     """Cross-entropy and accuracy of ``(logits, labels)`` batches, summed then divided.
 
@@ -210,24 +234,35 @@ def check_data(data: Data) -> Data:
     return data
 
 
+def _projections(feats: torch.Tensor, directions: torch.Tensor, ks: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """``(c * e, pos, d)`` in ``dtype``: copy j is f C_{k_j} C⁺ of ``feats`` ``(e, pos, d_lib)``, computed in
+    the features' precision from ``directions`` ``(d_lib, d)`` (rows of C⁺, constant coordinate dropped)
+    and rounded once to the dtype the model runs in."""
+    e, pos, _ = feats.shape
+    acts = torch.empty(len(ks), e, pos, directions.shape[1], dtype=dtype, device=feats.device)
+    for j, k in enumerate(ks):
+        acts[j] = feats[..., :k] @ directions[:k]  # (e, pos, d)
+    return acts.reshape(-1, pos, directions.shape[1])  # (c * e, pos, d)
+
+
 def _node_sums(section: Section, basis: LayerBasis, inputs: Any, labels: torch.Tensor, feats: torch.Tensor,
-               ks: list[int], stacked: bool, affine, max_rows: int) -> list[torch.Tensor]:
-    """One batch: ``(loss_sum, correct_sum, count)`` with the layer projected onto its first k features,
-    for each k < d_lib of ``ks``; several ks share one forward of the rest of the model where ``stacked``."""
+               ks: list[int], stacked: bool, affine, max_rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """One batch: ``(len(ks), 3)`` ``(loss_sum, correct_sum, count)`` with the layer projected onto its first
+    k features, for each k < d_lib of ``ks``; several ks share one forward of the rest of the model where
+    ``stacked`` (the projections made in the features' precision, handed over in ``dtype``)."""
     if affine is not None:
-        return [evaluation_update(affine(feats, k), labels) for k in ks]
+        return torch.stack([evaluation_update(affine(feats, k), labels) for k in ks])
     batch = feats.shape[0]
     examples, copies = row_plan(batch, len(ks), max_rows) if stacked else (batch, 1)
-    sums = [torch.zeros(3, dtype=torch.float64) for _ in ks]
+    directions = basis.directions()  # (d_lib, d)
+    sums = torch.zeros(len(ks), 3, dtype=torch.float64)
     for first in range(0, batch, examples):
         part = inputs if examples >= batch else nested.select(inputs, slice(first, first + examples))
         f, y = feats[first:first + examples], labels[first:first + examples]  # (e, pos, d_lib), (e,)
         for start in range(0, len(ks), copies):
             chunk = ks[start:start + copies]
-            acts = torch.cat([(f[..., :k] @ basis.basis_pinv[:k])[..., :-1] for k in chunk])  # (c * e, pos, d)
-            logits = section.run(part, acts, len(chunk), stacked)  # (c * e, classes)
-            for j, logit in enumerate(logits.split(f.shape[0])):
-                sums[start + j] = sums[start + j] + evaluation_update(logit, y).to(sums[0].device)
+            logits = section.run(part, _projections(f, directions, chunk, dtype), len(chunk), stacked)
+            sums[start:start + len(chunk)] += copy_updates(logits, y, len(chunk)).to(sums.device)  # (c, 3)
     return sums
 
 
@@ -235,13 +270,12 @@ def _node_curve(section: Section, basis: LayerBasis, data: Data, schedule: list[
                 max_rows: int) -> list[Evaluation]:
     """Evaluations at each k of ``schedule``: the layer captured once per batch, the rest of the model run
     on several ks at once (an affine rest: one contraction per k); k = d_lib is the unablated model."""
-    feats = [basis.transform(capture(section.model, [section.layer_in], x, section.forward)[0]) for x, _ in data]
+    feats, dtype = layer_features(section, basis, data)
     stacked, affine = section_mode(section, basis, data[0][0], feats[0], identity, probe_masks(basis.d_lib), max_rows)
     ks = [k for k in schedule if k < basis.d_lib]
-    total = [torch.zeros(3, dtype=torch.float64) for _ in ks]
+    total = torch.zeros(len(ks), 3, dtype=torch.float64)
     for (inputs, labels), f in zip(data, feats):
-        sums = _node_sums(section, basis, inputs, labels, f, ks, stacked, affine, max_rows)
-        total = [t + s.to(t.device) for t, s in zip(total, sums)]
+        total += _node_sums(section, basis, inputs, labels, f, ks, stacked, affine, max_rows, dtype).to(total.device)
     evals = {k: Evaluation.from_sums(t) for k, t in zip(ks, total)}
     return [evals.get(k, baseline) for k in schedule]
 

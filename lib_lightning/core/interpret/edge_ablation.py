@@ -19,7 +19,7 @@ from lib_lightning.core.interpret.ablation import (
 )
 from lib_lightning.core.interpret.edge_columns import ColumnCache, affine_columns, new_columns
 from lib_lightning.core.interpret.sections import (
-    AffineMap, Section, identity, probe_masks, section_mode, stacking_holds,
+    AffineMap, Section, identity, layer_features, probe_masks, section_mode, stacking_holds,
 )
 from lib_lightning.core.lib.basis import LayerBasis
 from lib_lightning.core.lib.capture import Forward, NodeLayer, capture, default_forward
@@ -89,6 +89,12 @@ def edge_mask(edges: torch.Tensor, k: int, skip_constant_input: bool = True) -> 
     rows, cols = _candidates(edges, skip_constant_input)
     if not 0 <= k <= rows.numel():
         raise ValueError(f"k must be in [0, {rows.numel()}] (the rankable edges), got {k}")
+    return _ranked_mask(edges, rows, cols, k, skip_constant_input)
+
+
+def _ranked_mask(edges: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, k: int,
+                 skip_constant_input: bool) -> torch.Tensor:
+    """:func:`edge_mask` from the ranking ``rows, cols`` of :func:`_candidates` (sorted once per search)."""
     mask = torch.zeros(edges.shape, dtype=torch.bool, device=edges.device)
     mask[rows[:k], cols[:k]] = True
     if skip_constant_input:
@@ -153,7 +159,7 @@ def _evaluate_features(section: Section, basis_out: LayerBasis, data: Data, feat
 def _reuse_evaluator(section: Section, basis_in: LayerBasis, basis_out: LayerBasis, data: Data, max_rows: int):
     """``(at, cache)``: ``at(mask)`` evaluates the model with the edges outside ``mask`` ablated, running
     only the rows of the mask that ``cache`` lacks (none for an affine section)."""
-    feats_in = [basis_in.transform(capture(section.model, [section.layer_in], x, section.forward)[0]) for x, _ in data]
+    feats_in, dtype = layer_features(section, basis_in, data)
     first = data[0][0]
     stacked, affine = section_mode(section, basis_in, first, feats_in[0], basis_out.transform,
                                    probe_masks(basis_in.d_lib), max_rows)
@@ -169,7 +175,7 @@ def _reuse_evaluator(section: Section, basis_in: LayerBasis, basis_out: LayerBas
         if affine is not None:
             feats_out = [affine_columns(affine, f, mask) for f in feats_in]
         else:
-            new_columns(section, stacked, basis_in, basis_out, batches, mask, cache, max_rows)
+            new_columns(section, stacked, basis_in, basis_out, batches, mask, cache, max_rows, dtype)
             feats_out = cache.columns(mask).split(sizes)
         return _evaluate_features(section, basis_out, data, feats_out, rest_affine)
 
@@ -239,6 +245,11 @@ def edge_ablation(
     if not data:
         raise ValueError("the evaluation data is empty: no batch was given")
     results: dict[int, Evaluation] = {}
+    rows, cols = _candidates(edges, skip)  # the ranking, sorted once
+
+    def mask_at(k: int) -> torch.Tensor:
+        return _ranked_mask(edges, rows, cols, k, skip)
+
     with torch.no_grad(), analysis_mode(model, dtype):
         baseline = evaluate(lambda inputs: forward(model, inputs), data)
         target = baseline.accuracy - tolerance
@@ -246,7 +257,7 @@ def edge_ablation(
             evaluate_mask, cache = _reuse_evaluator(part, basis_in, basis_out, data, max_rows)
         else:
             cache = None
-            probe = torch.stack([edge_mask(edges, n_edges, skip)[0], edge_mask(edges, 0, skip)[0]])  # all, constant
+            probe = torch.stack([mask_at(n_edges)[0], mask_at(0)[0]])  # all, constant
             (act,) = capture(model, [part.layer_in], data[0][0], forward)
             masked = basis_in.transform(act).unsqueeze(0) * probe[:, None, None, :]
             stacked = max_rows > 1 and stacking_holds(part, data[0][0], basis_in.reconstruct(masked), act.shape[0])
@@ -256,14 +267,14 @@ def edge_ablation(
 
         def at(k: int) -> Evaluation:
             if k not in results:
-                results[k] = evaluate_mask(edge_mask(edges, k, skip))
+                results[k] = evaluate_mask(mask_at(k))
             return results[k]
 
         lo, hi = -1, 0  # at(lo) fails (-1: nothing evaluated yet), at(hi) is the candidate
         while hi < n_edges and at(hi).accuracy < target:
             lo, hi = hi, min(n_edges, max(1, 2 * hi))
             if cache is not None:  # later steps lie above lo
-                cache.keep_between(edge_mask(edges, max(lo, 0), skip), edge_mask(edges, n_edges, skip))
+                cache.keep_between(mask_at(max(lo, 0)), mask_at(n_edges))
         reached = at(hi).accuracy >= target
         if reached:
             while hi - lo > 1:
@@ -273,10 +284,9 @@ def edge_ablation(
                 else:
                     lo = mid
                 if cache is not None:  # later steps lie between lo and hi
-                    cache.keep_between(edge_mask(edges, max(lo, 0), skip), edge_mask(edges, hi, skip))
+                    cache.keep_between(mask_at(max(lo, 0)), mask_at(hi))
         for k in ks:
             at(min(max(int(k), 0), n_edges))
-    rows, cols = _candidates(edges, skip)
     cutoff = float(edges[rows[hi - 1], cols[hi - 1]]) if hi > 0 else 0.0
     order = sorted(results)
     return EdgeAblation(

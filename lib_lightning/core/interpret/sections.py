@@ -17,6 +17,7 @@ features, and :func:`affine_holds` accepts it only if it reproduces real forward
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable
 
 import torch
@@ -24,12 +25,12 @@ from torch import nn
 
 from lib_lightning.core.lib import batch as nested
 from lib_lightning.core.lib.basis import LayerBasis
-from lib_lightning.core.lib.capture import Forward, NodeLayer, resolve_modules, run_section, substituted
+from lib_lightning.core.lib.capture import Forward, NodeLayer, capture, resolve_modules, run_section, substituted
 from lib_lightning.core.lib.nodes import register_hook
 
 __all__ = [
     "Section", "AffineMap", "row_plan", "stacking_holds", "affine_map", "affine_holds", "probe_masks", "section_mode",
-    "identity", "single_runs",
+    "identity", "single_runs", "layer_features",
 ]
 
 ULP_TOLERANCE = 1e3  # agreement required by the probes, in units of the dtype's eps
@@ -68,9 +69,14 @@ class Section:
         return run_section(self.model, self.layer_in, self.layer_out, inputs, lambda act: acts.to(act.dtype),
                            self.forward)
 
+    @cached_property
+    def _modules(self) -> list[nn.Module]:
+        """The modules of ``layer_in`` (and ``layer_out``), resolved once: a run resolving them by name walked
+        every module of the model."""
+        return resolve_modules(self.model, [self.layer_in] + ([] if self.layer_out is None else [self.layer_out]))
+
     def _stacked(self, inputs: Any, acts: torch.Tensor, c: int) -> torch.Tensor:
-        layers = [self.layer_in] + ([] if self.layer_out is None else [self.layer_out])
-        modules = resolve_modules(self.model, layers)
+        modules = self._modules
         result: list[torch.Tensor] = []
 
         def replace(value: torch.Tensor) -> torch.Tensor:
@@ -102,6 +108,18 @@ class Section:
             got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
             raise RuntimeError(f"stacked section returned {got}, expected {acts.shape[0]} rows")
         return output
+
+
+def layer_features(section: Section, basis: LayerBasis, data) -> tuple[list[torch.Tensor], torch.dtype]:
+    """``layer_in``'s features ``(batch, pos_in, k_in)`` on each batch of ``data`` (``(inputs, labels)``
+    pairs), captured once, and the dtype the model computes that layer in (the dtype to hand its
+    substituted values over in)."""
+    feats, dtype = [], None
+    for inputs, _ in data:
+        (act,) = capture(section.model, [section.layer_in], inputs, section.forward)  # (batch, pos_in, d_in)
+        feats.append(basis.transform(act))
+        dtype = act.dtype
+    return feats, dtype
 
 
 def identity(out: torch.Tensor) -> torch.Tensor:

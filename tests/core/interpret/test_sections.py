@@ -7,14 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from lib_lightning.core.interpret.ablation import node_ablation
+from lib_lightning.core.interpret.ablation import copy_updates, evaluation_update, node_ablation
 from lib_lightning.core.interpret.edge_ablation import _section_features, edge_ablation, edge_mask
 from lib_lightning.core.interpret.edge_columns import ColumnCache, affine_columns, new_columns
 from lib_lightning.core.interpret.sections import (
-    Section, affine_holds, affine_map, probe_masks, row_plan, section_mode, stacking_holds,
+    Section, affine_holds, affine_map, layer_features, probe_masks, row_plan, section_mode, stacking_holds,
 )
 from lib_lightning.core.lib import build_graphs
 from lib_lightning.core.lib.capture import NodeLayer, capture, default_forward
+from lib_lightning.core.lib.modes import analysis_mode
 from tests.core.interpret.test_ablation import LAYERS, _assert_same_result, _counting, _gated_case, _tiny_transformer
 from tests.core.models import MLP, mlp_inputs
 
@@ -106,12 +107,16 @@ def test_stacking_probe_refuses_a_model_that_reads_context_across_the_section():
     torch.testing.assert_close(new.loss, old.loss, **TOL)
 
 
-def test_column_cache_runs_each_row_mask_once_and_keeps_the_bracket():
+def _h0_section(kind="lib"):
+    """The MLP's section h0 -> h1 with its bases in the ``kind`` graph: (model, x, graph, basis_in, basis_out, section)."""
     model = MLP(seed=3)
     graphs, x = _graphs(model)
-    g = graphs["lib"]
-    basis_in, basis_out = g.layers[1], g.layers[2]
-    section = Section(model, default_forward, NodeLayer("h0"), NodeLayer("h1"))
+    g = graphs[kind]
+    return model, x, g, g.layers[1], g.layers[2], Section(model, default_forward, NodeLayer("h0"), NodeLayer("h1"))
+
+
+def test_column_cache_runs_each_row_mask_once_and_keeps_the_bracket():
+    model, x, g, basis_in, basis_out, section = _h0_section()
     batches = [(x[:40], None), (x[40:], None)]
     with torch.no_grad():
         feats = [basis_in.transform(capture(model, [section.layer_in], b)[0]) for b, _ in batches]
@@ -188,3 +193,50 @@ def test_float32_evaluation_matches_the_path_before():
             assert (a.n_required, a.reached) == (b.n_required, b.reached) and torch.equal(a.ks, b.ks)
             assert torch.equal(a.accuracy, b.accuracy)
             torch.testing.assert_close(b.loss, a.loss, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_copy_updates_equal_one_evaluation_update_per_copy(dtype):
+    gen = torch.Generator().manual_seed(5)
+    copies, batch, classes = 4, 9, 5
+    logits = (torch.randn(copies * batch, classes, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    labels = torch.randint(0, classes, (batch,), generator=gen)
+    logits[::batch, :2] = 10.0  # example 0 of every copy: a tie for the top class, broken towards class 0
+    labels[0] = 1  # so that it counts as wrong
+    got = copy_updates(logits, labels, copies)  # (copies, 3)
+    want = torch.stack([evaluation_update(part, labels) for part in logits.split(batch)])
+    assert got.dtype == torch.float64 and got.shape == (copies, 3)
+    assert torch.equal(got[:, 1:], want[:, 1:])  # correct counts and counts exactly
+    assert len(set(want[:, 1].tolist())) > 1  # the copies differ, so a mixed-up copy would show
+    torch.testing.assert_close(got[:, 0], want[:, 0], **TOL)  # loss sums: another summation order
+    with pytest.raises(ValueError, match=r"must return \(3 x 9, classes\) logits, got \(36, 5\)"):
+        copy_updates(logits, labels, 3)
+    with pytest.raises(ValueError, match="got tuple"):
+        copy_updates((logits,), labels, copies)
+
+
+def test_layer_features_are_the_captured_features_and_the_models_dtype():
+    model, x, _, basis, _, section = _h0_section()
+    for dtype in (torch.float64, torch.float32):
+        data = [(x[:40].to(dtype), None), (x[40:].to(dtype), None)]
+        with torch.no_grad(), analysis_mode(model, dtype):
+            feats, got = layer_features(section, basis, data)
+            want = [basis.transform(capture(model, [NodeLayer("h0")], b)[0]) for b, _ in data]
+        assert got == dtype and len(feats) == 2
+        for f, w in zip(feats, want):
+            assert f.dtype == torch.float64 and torch.equal(f, w)
+
+
+def test_new_columns_in_the_models_dtype_equal_the_cast_in_the_hook():
+    """Masked values rounded once to float32 before the forward are the values the hook would cast."""
+    model, x, g, basis_in, basis_out, section = _h0_section("pca")
+    with torch.no_grad(), analysis_mode(model, torch.float32):
+        x = x.float()
+        feats, dtype = layer_features(section, basis_in, [(x[:40], None), (x[40:], None)])
+        batches = [(x[:40], feats[0]), (x[40:], feats[1])]
+        mask = edge_mask(g.edges[1], 20)
+        by_hook, handed = ColumnCache(), ColumnCache()
+        new_columns(section, True, basis_in, basis_out, batches, mask, by_hook, max_rows=64)
+        new_columns(section, True, basis_in, basis_out, batches, mask, handed, max_rows=64, dtype=dtype)
+    assert dtype == torch.float32
+    assert torch.equal(handed.columns(mask), by_hook.columns(mask))
