@@ -74,6 +74,9 @@ class LIBAnalysis(AnalysisSet, AnalysisLogging, Callback):
             analysis of the main job (README).
         dtype: ``"float64"`` (exact) or ``"float32"`` (about 2× faster Jacobians; sums stay float64).
         chunk_size, cache_mb: Jacobian chunk size and cache budget (memory bounds).
+        vjp_rows: Jacobian rows per autograd call (``build_graphs``'s); ``None``: 1 on CPU (the fastest
+            there), 8 on CUDA (batched through vmap: 2.1x per analysis of the main job on an H200,
+            benchmarks/README.md "On a GPU"; each row batched multiplies the backward's memory).
         memory_budget_mb: refuse an analysis whose estimated memory (from the first batch's shapes)
             exceeds this many MiB, with the estimate and the ways out (``None``: no limit; default 8 GiB).
         context_inputs: keys (dict inputs) or indices (tuple inputs) of per-example side inputs that
@@ -123,6 +126,7 @@ class LIBAnalysis(AnalysisSet, AnalysisLogging, Callback):
         dtype: str = "float64",
         chunk_size: int = 256,
         cache_mb: int = 512,
+        vjp_rows: int | None = None,
         memory_budget_mb: int | None = MEMORY_BUDGET >> 20,
         context_inputs: Sequence[str | int] | None = None,
         threads: int | None = None,
@@ -144,6 +148,7 @@ class LIBAnalysis(AnalysisSet, AnalysisLogging, Callback):
         check_at_least("size", size, 2, why="the analysis needs at least two examples")
         check_at_least("batch_size", batch_size, 2, why="the cut check compares examples of a batch")
         check_at_least("chunk_size", chunk_size, 1)
+        check_at_least("vjp_rows", vjp_rows, 1, optional=True)
         check_at_least("figures_every", figures_every, 1)
         check_at_least("cache_mb", cache_mb, 0)
         check_at_least("memory_budget_mb", memory_budget_mb, 1, optional=True)
@@ -162,6 +167,7 @@ class LIBAnalysis(AnalysisSet, AnalysisLogging, Callback):
             kinds=self.kinds, rule=rule, n_intervals=n_intervals, center=center, rotate_final=rotate_final,
             abs_threshold=abs_threshold, rel_threshold=rel_threshold, edge_point=edge_point,
             position_sources=position_sources, seed=seed, chunk_size=chunk_size, cache_bytes=cache_mb << 20,
+            vjp_rows=vjp_rows,
             dtype=_DTYPES[dtype],
             memory_budget_bytes=None if memory_budget_mb is None else memory_budget_mb << 20,
             context_inputs=None if context_inputs is None else tuple(context_inputs),

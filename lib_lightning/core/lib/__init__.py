@@ -10,6 +10,6 @@ May import: torch, numpy and ``lib_lightning.core.validation``; never metrics, i
 Lightning.
 """
 
-from lib_lightning.core.lib.build import KINDS, build_graphs, check_build, default_reuse_rtol
+from lib_lightning.core.lib.build import KINDS, build_graphs, check_build, default_reuse_rtol, default_vjp_rows
 
-__all__ = ["KINDS", "build_graphs", "check_build", "default_reuse_rtol"]
+__all__ = ["KINDS", "build_graphs", "check_build", "default_reuse_rtol", "default_vjp_rows"]

@@ -61,12 +61,13 @@ def shared_jacobian(
     seed: int,
     point: Callable[[torch.Tensor], torch.Tensor] | None = None,
     out_basis: LayerBasis | None = None,
+    rows_per_call: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The chunk's point and its one J̄, if the probe finds it shared by every example; else ``None``.
 
     Args: as :func:`~lib_lightning.core.lib.jacobian.integrated_jacobian` (without stochastic signs,
         whose rows differ per example), plus ``rtol`` (relative agreement of the probe VJPs) and
-        ``seed`` (of the probe's cotangents).
+        ``seed`` (of the probe's cotangents); ``rows_per_call`` is the shared J̄'s (rows per autograd call).
 
     Returns:
         acts ``(batch, pos_in, d_in)`` and jac ``(1, pos_in, pos_out, k, d_in)`` (J̄ at the first example,
@@ -83,7 +84,8 @@ def shared_jacobian(
     if not same_for_every_example(probe, rtol):
         return None
     one = select_examples(inputs, slice(0, 1))
-    return acts, integrated_jacobian(model, layer_in, layer_out, one, rule, forward, point, out_basis)[1]
+    return acts, integrated_jacobian(model, layer_in, layer_out, one, rule, forward, point, out_basis, None,
+                                     rows_per_call)[1]
 
 
 def is_shared(acts: torch.Tensor, g: torch.Tensor) -> bool:

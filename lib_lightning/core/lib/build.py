@@ -33,7 +33,7 @@ from lib_lightning.core.lib.passes import Observer, initial_bases, preflight, st
 from lib_lightning.core.lib.section import Section, edges_pass, jacobian_pass
 from lib_lightning.core.validation import check_at_least, check_choice, check_choices
 
-__all__ = ["build_graphs", "check_build", "KINDS", "default_reuse_rtol"]
+__all__ = ["build_graphs", "check_build", "KINDS", "default_reuse_rtol", "default_vjp_rows"]
 
 KINDS = ("lib", "pca", "neuron")
 EDGE_POINTS = ("activation", "reconstruction")
@@ -50,6 +50,14 @@ def _validate(kinds, chunk_size, cache_bytes, edge_point, position_sources, batc
     if iter(batches) is batches:
         raise TypeError("batches must be re-iterable (a list or a DataLoader), not a one-shot iterator")
     return batches
+
+
+def default_vjp_rows(device: torch.device | str) -> int:
+    """``vjp_rows`` when none is given: 8 Jacobian rows per autograd call on CUDA, where one VJP per row is
+    bound by kernel launches (on an H200: 2.7x on the exact build, 2.1x per training-callback analysis;
+    32 rows gave 3.7x and 2.6x at four times the backward's memory, benchmarks/README.md); 1 elsewhere
+    (on CPU batching was no faster)."""
+    return 8 if torch.device(device).type == "cuda" else 1
 
 
 def default_reuse_rtol(dtype: torch.dtype) -> float:
@@ -130,6 +138,7 @@ def build_graphs(
     edge_point: str = "activation",
     reuse_rtol: float | None = None,
     affine_probe: bool = True,
+    vjp_rows: int | None = None,
     position_sources: int | None = None,
     seed: int = 0,
     chunk_size: int = 256,
@@ -177,6 +186,12 @@ def build_graphs(
             of the batch); the result is the same to rounding, since that Jacobian is every example's.
             A section stops being probed at its first chunk that is not shared. Not with
             ``position_sources`` (the rows differ per example). ``False``: always per example.
+        vjp_rows: Jacobian rows per ``torch.autograd.grad`` call; ``None``: :func:`default_vjp_rows` of the
+            model's device (1 on CPU, where one VJP per row is the fastest; 8 on CUDA). More than 1
+            batches the rows through vmap (``is_grads_batched``): fewer, larger kernels, 2.6-4.2x faster
+            on an H200 (benchmarks/README.md, "On a GPU"), at that many times the backward's memory, which
+            the memory guard does not count (lower it or ``chunk_size`` if a GPU runs out). The same
+            numbers to rounding.
         position_sources: if set, R stochastic sources replace the output positions of every section
             (spec §3, Rademacher signs): R VJPs per output feature instead of one per position, with M′
             and the squared edges unbiased (exact for single-position outputs). For sections whose
@@ -216,6 +231,7 @@ def build_graphs(
     if bool(observe) != (observer is not None):
         raise ValueError(f"give observe and observer together, got observe={list(observe)} and observer={observer!r}")
     batches = _validate(kinds, chunk_size, cache_bytes, edge_point, position_sources, batches)
+    check_at_least("vjp_rows", vjp_rows, 1, optional=True)
     int_rule = integration_rule(rule, n_intervals)
     if reuse_rtol is None:
         own = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float64)
@@ -236,10 +252,12 @@ def build_graphs(
         bases = initial_bases(kinds, names, stats, whitenings, rotate_final)
         edges: dict[str, list[torch.Tensor | None]] = {kind: [None] * (len(names) - 1) for kind in kinds}
         device = stats[0].count.device  # the model's device, for NCCL
+        vjp_rows = default_vjp_rows(device) if vjp_rows is None else vjp_rows
         for sec in reversed(range(len(names) - 1)):
             section = Section(
                 model, node_layers[sec], node_layers[sec + 1], sec, int_rule, forward, dtype, chunk_size,
                 measured.positions[sec + 1], position_sources, seed, edge_point, reuse_rtol, affine_probe,
+                vjp_rows,
             )  # fmt: skip
             in_bases = {kind: bases[kind][sec] for kind in kinds}
             out_bases = {kind: bases[kind][sec + 1] for kind in kinds}

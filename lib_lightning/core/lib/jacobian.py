@@ -151,12 +151,15 @@ def integrated_vjps(
     rule: IntegrationRule,
     forward: Forward,
     make_rows: Callable[[torch.Tensor], _Rows],
+    rows_per_call: int = 1,
 ) -> tuple[torch.Tensor, tuple[int, ...]]:
     """Σ_q ω_q wᵣᵀ ∂f^{l+1}/∂f^l at α_q·acts for every cotangent wᵣ: ``(batch, pos_in, n_rows, d_in)``,
     and the rows' layout.
 
     ``make_rows(out)`` receives the section's output ``(batch, pos_out, d_out)`` and returns its
-    :class:`_Rows`. One VJP of the batch sum per row (the model must treat examples independently).
+    :class:`_Rows`. One VJP of the batch sum per row (the model must treat examples independently);
+    ``rows_per_call`` > 1 takes that many rows per ``torch.autograd.grad`` call, batched through vmap
+    (``is_grads_batched``): fewer, larger kernels, for accelerators (slower on CPU, benchmarks/README.md).
     """
     batch, pos_in, d_in = acts.shape
     rows, plan = None, None
@@ -168,12 +171,20 @@ def integrated_vjps(
         n_rows = plan.n_rows
         if rows is None:
             rows = torch.empty(batch, pos_in, n_rows, d_in, dtype=acts.dtype, device=acts.device)
-        for r in range(n_rows):
+        for first in range(0, n_rows, rows_per_call):
+            last = min(first + rows_per_call, n_rows)
+            if rows_per_call == 1:
+                cot, batched = plan.row(first).expand(out.shape), False
+            else:
+                # row() may refill one buffer: each row is copied before the next is asked for
+                cot, batched = torch.stack([plan.row(r).expand(out.shape).clone() for r in range(first, last)]), True
             (grad,) = torch.autograd.grad(
-                out, leaf, plan.row(r).expand(out.shape), retain_graph=r + 1 < n_rows, allow_unused=True
+                out, leaf, cot, retain_graph=last < n_rows, allow_unused=True, is_grads_batched=batched
             )
-            row = rows[:, :, r]  # (batch, pos_in, d_in)
-            if grad is None:  # the section does not depend on its input along this row
+            row = rows[:, :, first:last]  # (batch, pos_in, rows, d_in)
+            if grad is not None:
+                grad = grad.permute(1, 2, 0, 3) if batched else grad.unsqueeze(2)
+            if grad is None:  # the section does not depend on its input along these rows
                 if q == 0:
                     row.zero_()
             elif q == 0:
@@ -196,6 +207,7 @@ def integrated_jacobian(
     point: Callable[[torch.Tensor], torch.Tensor] | None = None,
     out_basis: LayerBasis | None = None,
     signs: torch.Tensor | None = None,
+    rows_per_call: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The activation of ``layer_in`` and J̄ of the section, for one chunk.
 
@@ -212,6 +224,8 @@ def integrated_jacobian(
     squared edges) then sums over r to an unbiased estimate of its sum over t, exact when pos_out = 1,
     with R VJPs per feature instead of pos_out.
 
+    ``rows_per_call``: rows per ``torch.autograd.grad`` call (see :func:`integrated_vjps`).
+
     Returns:
         acts ``(batch, pos_in, d_in)`` and jac ``(batch, pos_in, pos_out, k, d_in)`` (``pos_out`` becomes
         ``n_sources`` with ``signs``), ``k`` = ``d_out`` or ``out_basis.d_lib`` (for each input position,
@@ -223,7 +237,7 @@ def integrated_jacobian(
     """
     acts = point_of(model, layer_in, inputs, forward, point)
     make_rows = functools.partial(_jacobian_rows, out_basis=out_basis, signs=signs)
-    jac, layout = integrated_vjps(model, layer_in, layer_out, inputs, acts, rule, forward, make_rows)
+    jac, layout = integrated_vjps(model, layer_in, layer_out, inputs, acts, rule, forward, make_rows, rows_per_call)
     if not torch.isfinite(jac.sum()):
         raise ValueError(f"the Jacobian of section {layer_in.name!r} -> {layer_out.name!r} contains NaN or Inf")
     batch, pos_in, d_in = acts.shape

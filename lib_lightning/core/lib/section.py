@@ -47,7 +47,7 @@ class Section:
     """What the chunks of section ``index`` (``layer_in`` -> ``layer_out``) share.
 
     ``pos_out`` is the output layer's number of positions (for the stochastic sources); ``edge_point``,
-    ``reuse_rtol`` and ``affine_probe`` are :func:`~lib_lightning.core.lib.build_graphs`'s.
+    ``reuse_rtol``, ``affine_probe`` and ``vjp_rows`` are :func:`~lib_lightning.core.lib.build_graphs`'s.
     """
 
     model: nn.Module
@@ -64,6 +64,7 @@ class Section:
     edge_point: str
     reuse_rtol: float
     affine_probe: bool = True
+    vjp_rows: int = 1
 
     def phase(self, name: str) -> str:
         return f"{name} {self.layer_in.name} -> {self.layer_out.name}"
@@ -102,11 +103,12 @@ class Section:
             if probe and self.affine_probe and phi is None:
                 seed = hash((self.seed, self.index, chunk, 1)) & (2**62 - 1)
                 args = (self.layer_in, self.layer_out, inputs, self.rule, self.forward, self.reuse_rtol, seed)
-                shared = shared_jacobian(self.model, *args, point, out_basis)
+                shared = shared_jacobian(self.model, *args, point, out_basis, self.vjp_rows)
                 if shared is not None:
                     return shared
             return integrated_jacobian(
-                self.model, self.layer_in, self.layer_out, inputs, self.rule, self.forward, point, out_basis, phi
+                self.model, self.layer_in, self.layer_out, inputs, self.rule, self.forward, point, out_basis, phi,
+                self.vjp_rows,
             )
         except ValueError as err:
             raise self._error(err, chunk) from err

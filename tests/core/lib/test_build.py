@@ -571,3 +571,37 @@ def test_a_layer_that_keeps_no_feature_gives_empty_edges_not_an_error():
 
     metrics = summarise({"lib": lib}).metrics
     assert metrics["lib/h1/dim_abs"] == 0 and metrics["edges/h1->out/lib_n99"] == 0
+
+
+@pytest.mark.parametrize("kinds, rule, n_intervals", [(("lib", "pca"), "gradient", 0), (("lib",), "gauss-legendre", 3)])
+@pytest.mark.parametrize("vjp_rows", [2, 3, 64])
+def test_rows_batched_through_vmap_give_the_loop_s_graphs(kinds, rule, n_intervals, vjp_rows):
+    """``vjp_rows`` > 1 takes several Jacobian rows per autograd call (is_grads_batched): the same bases
+    and edges as one VJP per row, in rows given in neurons (lib+pca) or in features (lib alone), with a
+    rule of several points, a row count that does not divide the rows (3) and one above them (64)."""
+    model = TinyTransformer()
+    tokens = torch.randint(0, 7, (64, 4), generator=torch.Generator().manual_seed(0))
+    layers = ["resid_pre", "resid_mid", "logits"]
+    options = dict(kinds=kinds, rule=rule, n_intervals=n_intervals, chunk_size=16, edge_point="reconstruction")
+    loop = build_graphs(model, layers, [tokens[:40], tokens[40:]], **options)
+    batched = build_graphs(model, layers, [tokens[:40], tokens[40:]], vjp_rows=vjp_rows, **options)
+    for kind in kinds:
+        assert loop[kind].dims == batched[kind].dims
+        for a, b in zip(loop[kind].layers, batched[kind].layers):
+            torch.testing.assert_close(b.lambdas, a.lambdas, rtol=1e-10, atol=1e-14)
+        for a, b in zip(loop[kind].edges, batched[kind].edges):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-14)
+
+
+def test_vjp_rows_below_one_is_refused():
+    model = TinyTransformer()
+    tokens = torch.randint(0, 7, (8, 4), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="vjp_rows"):
+        build_graphs(model, ["resid_pre", "resid_mid", "logits"], [tokens], vjp_rows=0)
+
+
+def test_vjp_rows_default_batches_on_cuda_only():
+    from lib_lightning.core.lib import default_vjp_rows
+
+    assert default_vjp_rows(torch.device("cpu")) == 1
+    assert default_vjp_rows("cuda") == default_vjp_rows(torch.device("cuda", 0)) == 8
