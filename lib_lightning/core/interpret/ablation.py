@@ -1,4 +1,5 @@
-"""Ablations in a basis (LIB_SPEC.md §5, §7): accuracy and loss against the features or edges kept.
+"""Ablations in a basis (LIB_SPEC.md §5, §7): accuracy and loss against the features or edges kept
+(the sums behind them: :mod:`lib_lightning.core.interpret.evaluation`, re-exported here).
 
 Node ablation projects one node layer's activation onto its first k features, f ↦ f C_k C⁺, and runs
 the rest of the model; edge ablation is in :mod:`lib_lightning.core.interpret.edge_ablation`. Both substitute
@@ -13,14 +14,16 @@ plus counts over the batches, divided at the end.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from lib_lightning.core.interpret.evaluation import (
+    Data, Evaluation, copy_updates, evaluate, evaluate_logits, evaluation_update,
+)
 from lib_lightning.core.interpret.sections import (
     Section, identity, layer_features, probe_masks, row_plan, section_mode,
 )
@@ -44,31 +47,6 @@ __all__ = [
     "check_data",
     "Data",
 ]
-
-Data = Sequence[tuple[Any, torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """Cross-entropy and accuracy of a model over a dataset, as sums and a count."""
-
-    loss_sum: float
-    correct_sum: float
-    count: int
-
-    @property
-    def loss(self) -> float:
-        return self.loss_sum / self.count
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct_sum / self.count
-
-    @classmethod
-    def from_sums(cls, sums: torch.Tensor) -> Evaluation:
-        """From a ``(loss_sum, correct_sum, count)`` tensor (:func:`evaluation_update`, summed over batches)."""
-        loss_sum, correct_sum, count = sums.tolist()
-        return cls(loss_sum, correct_sum, int(count))
 
 
 @dataclass(frozen=True)
@@ -116,63 +94,6 @@ def substitute(
     if not done:
         raise RuntimeError(f"node layer {layer.name!r} was not reached by the forward pass")
     return output
-
-
-def evaluation_update(logits: Any, labels: torch.Tensor) -> torch.Tensor:
-    """``(loss_sum, correct_sum, count)`` of one batch, float64."""
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"forward(model, inputs) must return (batch, classes) logits, got {shape}")
-    logits = logits.to(torch.float64)
-    labels = labels.to(logits.device)
-    loss = F.cross_entropy(logits, labels, reduction="sum")
-    correct = (logits.argmax(-1) == labels).sum().to(torch.float64)
-    return torch.stack([loss, correct, torch.tensor(float(labels.shape[0]), dtype=torch.float64, device=logits.device)])
-
-
-def copy_updates(logits: Any, labels: torch.Tensor, copies: int) -> torch.Tensor:
-    """``(copies, 3)`` float64: :func:`evaluation_update` of each of ``copies`` copies of one batch stacked
-    along the batch dimension (``logits`` ``(copies * batch, classes)``, copy j in rows
-    ``j * batch : (j + 1) * batch``), as one reduction; the loss sums may differ from it in the last bits
-    (another summation order).
-
-    Raises:
-        ValueError: for logits that are not ``(copies * batch, classes)``.
-    """
-    batch = labels.shape[0]
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != copies * batch:
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"forward(model, inputs) must return ({copies} x {batch}, classes) logits, got {shape}")
-    logits = logits.to(torch.float64)
-    labels = labels.to(logits.device).repeat(copies)  # (copies * batch,)
-    loss = F.cross_entropy(logits, labels, reduction="none").view(copies, batch).sum(1)
-    predicted = logits.max(-1).indices  # argmax's first maximal index, in half argmax's time on CPU
-    correct = (predicted == labels).view(copies, batch).sum(1).to(torch.float64)
-    return torch.stack([loss, correct, torch.full_like(loss, float(batch))], dim=1)
-
-
-def evaluate_logits(batches: Iterable[tuple[Any, torch.Tensor]]) -> Evaluation:
-    """Cross-entropy and accuracy of ``(logits, labels)`` batches, summed then divided.
-
-    Raises:
-        ValueError: for no batch or logits that are not ``(batch, classes)``.
-    """
-    total = None
-    for logits, labels in batches:
-        part = evaluation_update(logits, labels)
-        total = part if total is None else total + part
-    if total is None or total[2] == 0:
-        raise ValueError("the evaluation data is empty: no batch was given")
-    return Evaluation.from_sums(total)
-
-
-def evaluate(run: Callable[[Any], Any], data: Data) -> Evaluation:
-    """Cross-entropy and accuracy of ``run(inputs)`` (logits) against the labels of every batch.
-
-    Raises:
-        ValueError: for empty data or outputs that are not ``(batch, classes)``.
-    """
-    return evaluate_logits((run(inputs), labels) for inputs, labels in data)
 
 
 def ablation_schedule(n: int, dense_up_to: int = 10, base: float = 1.05) -> list[int]:
