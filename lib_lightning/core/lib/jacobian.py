@@ -142,6 +142,28 @@ def point_of(model: nn.Module, layer_in: NodeLayer, inputs: Any, forward: Forwar
     return acts
 
 
+def _row_grads(out: torch.Tensor, leaf: torch.Tensor, plan: _Rows, first: int, last: int, retain: bool,
+               per_call: int):
+    """Rows ``first:last`` of ``plan`` as VJPs of ``out`` w.r.t. ``leaf``: ``(batch, pos_in, rows, d_in)``, or
+    None where ``out`` does not depend on ``leaf``; several rows go through one vmapped call (``per_call``:
+    the setting that asked for them, named if they run out of memory)."""
+    if last - first == 1:
+        (grad,) = torch.autograd.grad(out, leaf, plan.row(first).expand(out.shape), retain_graph=retain,
+                                      allow_unused=True)
+        return None if grad is None else grad.unsqueeze(2)
+    # row() may refill one buffer: each row is copied before the next is asked for
+    cot = torch.stack([plan.row(r).expand(out.shape).clone() for r in range(first, last)])
+    try:
+        (grad,) = torch.autograd.grad(out, leaf, cot, retain_graph=retain, allow_unused=True, is_grads_batched=True)
+    except torch.OutOfMemoryError as err:
+        raise torch.OutOfMemoryError(
+            f"out of memory taking {last - first} Jacobian rows in one autograd call (vjp_rows={per_call}) on a "
+            f"chunk of {out.shape[0]} examples: set vjp_rows lower (1 takes one row at a time, the least "
+            f"memory) or chunk_size lower"
+        ) from err
+    return None if grad is None else grad.permute(1, 2, 0, 3)
+
+
 def integrated_vjps(
     model: nn.Module,
     layer_in: NodeLayer,
@@ -173,17 +195,8 @@ def integrated_vjps(
             rows = torch.empty(batch, pos_in, n_rows, d_in, dtype=acts.dtype, device=acts.device)
         for first in range(0, n_rows, rows_per_call):
             last = min(first + rows_per_call, n_rows)
-            if rows_per_call == 1:
-                cot, batched = plan.row(first).expand(out.shape), False
-            else:
-                # row() may refill one buffer: each row is copied before the next is asked for
-                cot, batched = torch.stack([plan.row(r).expand(out.shape).clone() for r in range(first, last)]), True
-            (grad,) = torch.autograd.grad(
-                out, leaf, cot, retain_graph=last < n_rows, allow_unused=True, is_grads_batched=batched
-            )
+            grad = _row_grads(out, leaf, plan, first, last, last < n_rows, rows_per_call)
             row = rows[:, :, first:last]  # (batch, pos_in, rows, d_in)
-            if grad is not None:
-                grad = grad.permute(1, 2, 0, 3) if batched else grad.unsqueeze(2)
             if grad is None:  # the section does not depend on its input along these rows
                 if q == 0:
                     row.zero_()

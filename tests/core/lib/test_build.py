@@ -605,3 +605,20 @@ def test_vjp_rows_default_batches_on_cuda_only():
 
     assert default_vjp_rows(torch.device("cpu")) == 1
     assert default_vjp_rows("cuda") == default_vjp_rows(torch.device("cuda", 0)) == 8
+
+
+def test_out_of_memory_with_batched_rows_names_vjp_rows_and_chunk_size(monkeypatch):
+    """A GPU that runs out of memory under batched rows is told which settings take less."""
+    model = TinyTransformer()
+    tokens = torch.randint(0, 7, (16, 4), generator=torch.Generator().manual_seed(0))
+    grad = torch.autograd.grad
+
+    def short_of_memory(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", short_of_memory)
+    with pytest.raises(torch.OutOfMemoryError, match=r"\(vjp_rows=4\).*set vjp_rows lower.*chunk_size lower"):
+        build_graphs(model, ["resid_pre", "resid_mid", "logits"], [tokens], vjp_rows=4, check_cuts=False)
+    build_graphs(model, ["resid_pre", "resid_mid", "logits"], [tokens], vjp_rows=1, check_cuts=False)  # one row at a time
