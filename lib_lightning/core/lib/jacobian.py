@@ -1,16 +1,16 @@
 """Integrated Jacobians of a section, chunk by chunk, and the sums built from them (M′ and edges).
 
 For a chunk of examples, J̄ ``(batch, pos_in, pos_out, k, d_in)`` is Σ_q ω_q ∂f^{l+1}/∂f^l at
-α_q f^l(x), with its output rows in neurons or in the features of the next layer's basis, taken with
-one vector-Jacobian product per output row (measured faster on CPU than vmap over VJPs or jacrev, and
-memory stays at one chunk). The model must treat examples independently
-(eval mode), because the VJP of the batch sum is taken.
+α_q f^l(x), with its output rows in neurons or in the features of the next layer's basis
+(:mod:`lib_lightning.core.lib.rows`), taken with one vector-Jacobian product per output row on CPU
+(measured faster there than vmap over VJPs or jacrev, and memory stays at one chunk) and several rows
+per vmapped call on a GPU (``vjp_rows``). The model must treat examples independently (eval mode),
+because the VJP of the batch sum is taken.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -21,6 +21,7 @@ from lib_lightning.core.lib.basis import LayerBasis
 from lib_lightning.core.lib.batch import batch_size as _nested_batch_size
 from lib_lightning.core.lib.capture import Forward, NodeLayer, capture, run_section, select_examples
 from lib_lightning.core.lib.integration import IntegrationRule
+from lib_lightning.core.lib.rows import GivenRows, Rows, jacobian_rows, row_grads
 
 __all__ = [
     "batch_size",
@@ -60,77 +61,6 @@ def chunks(batches: Iterable[Any], chunk_size: int) -> Iterator[Any]:
         yield from split_batch(inputs, chunk_size)
 
 
-class _Rows:
-    """The cotangents of one VJP sweep over a section output ``(batch, pos_out, d_out)``: ``n_rows`` of
-    them, row r by :meth:`row` (``(pos_out, d_out)`` for every example alike, or ``(batch, pos_out,
-    d_out)``), laid out as ``layout`` (the shape the rows take in the result)."""
-
-    n_rows: int
-    layout: tuple[int, ...]
-
-    def row(self, r: int) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class _FeatureRows(_Rows):
-    """One row per (output position t, output coordinate i): cotangent ``cot[:, i]`` at position t."""
-
-    def __init__(self, cot: torch.Tensor, out: torch.Tensor) -> None:
-        _, pos_out, d_out = out.shape
-        self.cot, self.k = cot, cot.shape[1]  # (d_out, k)
-        self.n_rows, self.layout = pos_out * self.k, (pos_out, self.k)
-        self.grad_out = torch.zeros(pos_out, d_out, dtype=out.dtype, device=out.device)
-
-    def row(self, r: int) -> torch.Tensor:
-        t, i = divmod(r, self.k)
-        self.grad_out.zero_()
-        self.grad_out[t] = self.cot[:, i]
-        return self.grad_out
-
-
-class _SourceRows(_Rows):
-    """One row per (stochastic source r, output coordinate i): Σ_t φ_{x,r,t} cot[:, i] / √R at every t."""
-
-    def __init__(self, cot: torch.Tensor, signs: torch.Tensor, out: torch.Tensor) -> None:
-        batch, pos_out, _ = out.shape
-        if signs.dim() != 3 or signs.shape[0] != batch or signs.shape[2] != pos_out:
-            raise ValueError(
-                f"signs of shape {tuple(signs.shape)} do not match (batch, n_sources, pos_out) = "
-                f"({batch}, n_sources, {pos_out})"
-            )
-        n_sources = signs.shape[1]
-        self.phi = signs.to(device=out.device, dtype=out.dtype) / math.sqrt(n_sources)  # (batch, R, pos_out)
-        self.cot, self.k = cot, cot.shape[1]
-        self.n_rows, self.layout = n_sources * self.k, (n_sources, self.k)
-
-    def row(self, r: int) -> torch.Tensor:
-        return self.phi[:, r // self.k, :, None] * self.cot[:, r % self.k]  # (batch, pos_out, d_out)
-
-
-class GivenRows(_Rows):
-    """The given cotangents ``(n, pos_out, d_out)``, shared by every example."""
-
-    def __init__(self, cotangents: torch.Tensor, out: torch.Tensor) -> None:
-        self.cot = cotangents.to(device=out.device, dtype=out.dtype)
-        if self.cot.shape[1:] != out.shape[1:]:
-            raise ValueError(
-                f"cotangents of shape {tuple(self.cot.shape)} do not match the section's output {tuple(out.shape)}"
-            )
-        self.n_rows, self.layout = self.cot.shape[0], (self.cot.shape[0],)
-
-    def row(self, r: int) -> torch.Tensor:
-        return self.cot[r]
-
-
-def _jacobian_rows(out: torch.Tensor, out_basis: LayerBasis | None, signs: torch.Tensor | None) -> _Rows:
-    """The rows of J̄: output neurons, or the features of ``out_basis``; per position, or per source."""
-    if out_basis is None:
-        cot = torch.eye(out.shape[2], dtype=out.dtype, device=out.device)
-    else:
-        cot = out_basis.basis[: out.shape[2]].to(device=out.device, dtype=out.dtype)  # (d_out, k)
-    return _FeatureRows(cot, out) if signs is None else _SourceRows(cot, signs, out)
-
-
 def point_of(model: nn.Module, layer_in: NodeLayer, inputs: Any, forward: Forward, point) -> torch.Tensor:
     """The activation of ``layer_in`` mapped by ``point`` (if given): where the Jacobians are taken."""
     with torch.no_grad():
@@ -142,28 +72,6 @@ def point_of(model: nn.Module, layer_in: NodeLayer, inputs: Any, forward: Forwar
     return acts
 
 
-def _row_grads(out: torch.Tensor, leaf: torch.Tensor, plan: _Rows, first: int, last: int, retain: bool,
-               per_call: int):
-    """Rows ``first:last`` of ``plan`` as VJPs of ``out`` w.r.t. ``leaf``: ``(batch, pos_in, rows, d_in)``, or
-    None where ``out`` does not depend on ``leaf``; several rows go through one vmapped call (``per_call``:
-    the setting that asked for them, named if they run out of memory)."""
-    if last - first == 1:
-        (grad,) = torch.autograd.grad(out, leaf, plan.row(first).expand(out.shape), retain_graph=retain,
-                                      allow_unused=True)
-        return None if grad is None else grad.unsqueeze(2)
-    # row() may refill one buffer: each row is copied before the next is asked for
-    cot = torch.stack([plan.row(r).expand(out.shape).clone() for r in range(first, last)])
-    try:
-        (grad,) = torch.autograd.grad(out, leaf, cot, retain_graph=retain, allow_unused=True, is_grads_batched=True)
-    except torch.OutOfMemoryError as err:
-        raise torch.OutOfMemoryError(
-            f"out of memory taking {last - first} Jacobian rows in one autograd call (vjp_rows={per_call}) on a "
-            f"chunk of {out.shape[0]} examples: set vjp_rows lower (1 takes one row at a time, the least "
-            f"memory) or chunk_size lower"
-        ) from err
-    return None if grad is None else grad.permute(1, 2, 0, 3)
-
-
 def integrated_vjps(
     model: nn.Module,
     layer_in: NodeLayer,
@@ -172,14 +80,14 @@ def integrated_vjps(
     acts: torch.Tensor,
     rule: IntegrationRule,
     forward: Forward,
-    make_rows: Callable[[torch.Tensor], _Rows],
+    make_rows: Callable[[torch.Tensor], Rows],
     rows_per_call: int = 1,
 ) -> tuple[torch.Tensor, tuple[int, ...]]:
     """Σ_q ω_q wᵣᵀ ∂f^{l+1}/∂f^l at α_q·acts for every cotangent wᵣ: ``(batch, pos_in, n_rows, d_in)``,
     and the rows' layout.
 
     ``make_rows(out)`` receives the section's output ``(batch, pos_out, d_out)`` and returns its
-    :class:`_Rows`. One VJP of the batch sum per row (the model must treat examples independently);
+    :class:`Rows`. One VJP of the batch sum per row (the model must treat examples independently);
     ``rows_per_call`` > 1 takes that many rows per ``torch.autograd.grad`` call, batched through vmap
     (``is_grads_batched``): fewer, larger kernels, for accelerators (slower on CPU, benchmarks/README.md).
     """
@@ -195,7 +103,7 @@ def integrated_vjps(
             rows = torch.empty(batch, pos_in, n_rows, d_in, dtype=acts.dtype, device=acts.device)
         for first in range(0, n_rows, rows_per_call):
             last = min(first + rows_per_call, n_rows)
-            grad = _row_grads(out, leaf, plan, first, last, last < n_rows, rows_per_call)
+            grad = row_grads(out, leaf, plan, first, last, last < n_rows, rows_per_call)
             row = rows[:, :, first:last]  # (batch, pos_in, rows, d_in)
             if grad is None:  # the section does not depend on its input along these rows
                 if q == 0:
@@ -249,7 +157,7 @@ def integrated_jacobian(
         ValueError: if the activation or the Jacobian contains NaN or Inf, or ``signs`` do not match.
     """
     acts = point_of(model, layer_in, inputs, forward, point)
-    make_rows = functools.partial(_jacobian_rows, out_basis=out_basis, signs=signs)
+    make_rows = functools.partial(jacobian_rows, out_basis=out_basis, signs=signs)
     jac, layout = integrated_vjps(model, layer_in, layer_out, inputs, acts, rule, forward, make_rows, rows_per_call)
     if not torch.isfinite(jac.sum()):
         raise ValueError(f"the Jacobian of section {layer_in.name!r} -> {layer_out.name!r} contains NaN or Inf")
