@@ -89,7 +89,7 @@ def integrated_vjps(
     ``make_rows(out)`` receives the section's output ``(batch, pos_out, d_out)`` and returns its
     :class:`Rows`. One VJP of the batch sum per row (the model must treat examples independently);
     ``rows_per_call`` > 1 takes that many rows per ``torch.autograd.grad`` call, batched through vmap
-    (``is_grads_batched``): fewer, larger kernels, for accelerators (slower on CPU, benchmarks/README.md).
+    (``is_grads_batched``): fewer, larger kernels, for accelerators (no faster on CPU, benchmarks/README.md).
     """
     batch, pos_in, d_in = acts.shape
     rows, plan = None, None

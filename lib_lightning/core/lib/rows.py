@@ -97,8 +97,8 @@ def row_grads(out: torch.Tensor, leaf: torch.Tensor, plan: Rows, first: int, las
         (grad,) = torch.autograd.grad(out, leaf, plan.row(first).expand(out.shape), retain_graph=retain,
                                       allow_unused=True)
         return None if grad is None else grad.unsqueeze(2)
-    # row() may refill one buffer: each row is copied before the next is asked for
-    cot = torch.stack([plan.row(r).expand(out.shape).clone() for r in range(first, last)])
+    # row() may refill one buffer: each row is copied (at its own size) before the next is asked for
+    cot = torch.stack([plan.row(r).clone().expand(out.shape) for r in range(first, last)])
     try:
         (grad,) = torch.autograd.grad(out, leaf, cot, retain_graph=retain, allow_unused=True, is_grads_batched=True)
     except torch.OutOfMemoryError as err:

@@ -573,16 +573,20 @@ def test_a_layer_that_keeps_no_feature_gives_empty_edges_not_an_error():
     assert metrics["lib/h1/dim_abs"] == 0 and metrics["edges/h1->out/lib_n99"] == 0
 
 
-@pytest.mark.parametrize("kinds, rule, n_intervals", [(("lib", "pca"), "gradient", 0), (("lib",), "gauss-legendre", 3)])
+@pytest.mark.parametrize("kinds, rule, n_intervals, sources", [
+    (("lib", "pca"), "gradient", 0, None), (("lib",), "gauss-legendre", 3, None), (("lib", "pca"), "gradient", 0, 2),
+])
 @pytest.mark.parametrize("vjp_rows", [2, 3, 64])
-def test_rows_batched_through_vmap_give_the_loop_s_graphs(kinds, rule, n_intervals, vjp_rows):
+def test_rows_batched_through_vmap_give_the_loop_s_graphs(kinds, rule, n_intervals, sources, vjp_rows):
     """``vjp_rows`` > 1 takes several Jacobian rows per autograd call (is_grads_batched): the same bases
-    and edges as one VJP per row, in rows given in neurons (lib+pca) or in features (lib alone), with a
-    rule of several points, a row count that does not divide the rows (3) and one above them (64)."""
+    and edges as one VJP per row, in rows given in neurons (lib+pca) or in features (lib alone), per
+    stochastic source, with a rule of several points, a row count that does not divide the rows (3) and
+    one above them (64)."""
     model = TinyTransformer()
     tokens = torch.randint(0, 7, (64, 4), generator=torch.Generator().manual_seed(0))
     layers = ["resid_pre", "resid_mid", "logits"]
-    options = dict(kinds=kinds, rule=rule, n_intervals=n_intervals, chunk_size=16, edge_point="reconstruction")
+    options = dict(kinds=kinds, rule=rule, n_intervals=n_intervals, chunk_size=16, edge_point="reconstruction",
+                   position_sources=sources)
     loop = build_graphs(model, layers, [tokens[:40], tokens[40:]], **options)
     batched = build_graphs(model, layers, [tokens[:40], tokens[40:]], vjp_rows=vjp_rows, **options)
     for kind in kinds:
