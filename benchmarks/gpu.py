@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
-from lib_build import CALLBACK_BUILD, LAYERS, _model_and_data  # noqa: E402
+from callback_build import CALLBACK_BUILD, largest_difference  # noqa: E402
+from lib_build import LAYERS, _model_and_data  # noqa: E402
 
 
 def _sync(device: str) -> None:
@@ -51,13 +52,6 @@ def _timed(fn, device: str, repeats: int):
     return statistics.median(times), times, result
 
 
-def _difference(graphs, reference) -> tuple[float, float]:
-    lam = max(((a.lambdas - b.lambdas).abs().max() / b.lambdas.abs().max()).item()
-              for a, b in zip(graphs.layers, reference.layers))
-    edge = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(graphs.edges, reference.edges))
-    return lam, edge
-
-
 def _builds(args, title: str, n: int, options: dict, dtype: torch.dtype) -> None:
     from lib_lightning.core.lib import build_graphs
 
@@ -75,7 +69,7 @@ def _builds(args, title: str, n: int, options: dict, dtype: torch.dtype) -> None
             print(f"| {rows} | failed | {traceback.format_exc(limit=2).splitlines()[-1]} | |")
             continue
         reference = reference or graphs
-        lam, edge = _difference(graphs, reference)
+        lam, edge = largest_difference(graphs, reference)
         print(f"| {rows} | {median:.3f} | {', '.join(f'{t:.3f}' for t in times)} | {lam:.1e} / {edge:.1e} | {graphs.dims} |",
               flush=True)
 

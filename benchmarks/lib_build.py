@@ -165,122 +165,6 @@ def _compare(a_path: str, b_path: str) -> tuple[float, float]:
     return lam_err, edge_err
 
 
-CALLBACK_BUILD = dict(kinds=("lib", "pca"), chunk_size=512, cache_bytes=512 << 20, check_cuts=False,
-                      memory_budget_bytes=None)  # configs/modadd.yaml's LIB callback (its checks run beforehand)
-
-
-def _callback_setting(args) -> None:
-    """The training callback's build (configs/modadd.yaml: kinds lib and pca, 400 training pairs, float32
-    Jacobians, one chunk of all 400 (chunk_size 512), a 512 MB cache, checks done beforehand), new and old alternating in one
-    process; prints medians and the largest relative difference of Λ and edges between the two."""
-    torch.set_num_threads(args.threads)
-    model, tokens = _model_and_data(400, args.ckpt)
-    times: dict[bool, list[float]] = {True: [], False: []}
-    phases: dict[bool, dict[str, float]] = {}
-    graphs: dict[bool, object] = {}
-    for _ in range(args.repeats):
-        for probe in (True, False):
-            start = time.perf_counter()
-            graphs[probe], phases[probe] = run_ours(model, tokens, dtype=torch.float32, affine_probe=probe,
-                                                    **CALLBACK_BUILD)
-            times[probe].append(time.perf_counter() - start)
-    lam = max(((a.lambdas - b.lambdas).abs() / b.lambdas.abs().max()).max().item()
-              for a, b in zip(graphs[True].layers, graphs[False].layers))
-    edge = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(graphs[True].edges, graphs[False].edges))
-    print(f"threads={args.threads} load={os.getloadavg()} ckpt={args.ckpt}")
-    for probe, name in ((False, "old (affine_probe=False)"), (True, "new")):
-        runs = ", ".join(f"{t:.2f}" for t in times[probe])
-        split = ", ".join(f"{k} {v:.2f}" for k, v in phases[probe].items())
-        print(f"{name}: median {statistics.median(times[probe]):.2f} s (runs {runs}); phases of the last run: {split}")
-    print(f"old / new: {statistics.median(times[False]) / statistics.median(times[True]):.2f}x; dims "
-          f"{graphs[True].dims} vs {graphs[False].dims}; max rel. difference Λ {lam:.1e}, edges {edge:.1e} (of the largest)")
-
-
-def _callback_child(args) -> None:
-    """One process: a warm-up build in the callback's setting, then a timed one; saves the graphs. The
-    code built is whichever ``lib_lightning`` PYTHONPATH gives (the parent checks which)."""
-    import pickle
-
-    import lib_lightning
-    from lib_lightning.core.lib import build_graphs
-
-    torch.set_num_threads(args.threads)
-    model, tokens = _model_and_data(400, args.ckpt)
-    dtype = getattr(torch, args.dtype)
-    build_graphs(model, LAYERS, [tokens], dtype=dtype, **CALLBACK_BUILD)
-    start = time.perf_counter()
-    graphs = build_graphs(model, LAYERS, [tokens], dtype=dtype, **CALLBACK_BUILD)
-    wall = time.perf_counter() - start
-    with open(args.save, "wb") as f:
-        pickle.dump(graphs, f)
-    print(json.dumps({"wall_s": wall, "code": lib_lightning.__file__}))
-
-
-CONTINUOUS = ("participation_ratio", "effective_rank", "gini", "modularity")  # every other logged metric counts
-
-
-def _compare_callback_graphs(paths: dict[str, str]) -> None:
-    """Λ and edge differences between the saved builds, and every metric summarise() logs from them."""
-    import pickle
-
-    from float32_error import _relative_errors
-
-    from lib_lightning.core.metrics.summary import SummaryOptions, summarise
-
-    graphs = {}
-    for name, path in paths.items():
-        with open(path, "rb") as f:
-            graphs[name] = pickle.load(f)
-    metrics = {name: summarise(g, SummaryOptions()).metrics for name, g in graphs.items()}
-    for a, b in (("float64", "old"), ("float64", "new"), ("old", "new")):
-        for kind in ("lib", "pca"):
-            errs = [_relative_errors(graphs[a][kind], graphs[b][kind], floor) for floor in (1e-4, 1e-8)]
-            same = graphs[a][kind].dims == graphs[b][kind].dims
-            print(f"{b} vs {a}, {kind}: dims {'equal' if same else 'DIFFER'} {graphs[b][kind].dims}; max rel. difference"
-                  f" Λ {errs[0][0]:.1e} (above 1e-4 of the largest) / {errs[1][0]:.1e} (above 1e-8), edges {errs[0][1]:.1e}"
-                  f" / {errs[1][1]:.1e} (of the section's largest, between those features)")
-        ma, mb = metrics[a], metrics[b]
-        diff = {k: abs(ma[k] - mb[k]) / max(abs(ma[k]), abs(mb[k]), 1e-300) for k in ma if ma[k] != mb[k]}
-        worst = max(diff, key=diff.get) if diff else None
-        print(f"  logged metrics {b} vs {a}: {len(ma)} compared, {len(ma) - len(diff)} bit-identical"
-              + (f", largest relative difference {diff[worst]:.1e} ({worst})" if worst else ""))
-        counts = [k for k in diff if not k.endswith(CONTINUOUS)]
-        print(f"  counts (or ratios of counts) that differ: {counts or 'none'}")
-
-
-def _callback_against_tree(args) -> None:
-    """Main's code (a worktree at ``--old-tree``) against this tree's, alternating one child process each."""
-    tmp = os.environ.get("TMPDIR", "/tmp")
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    trees = {"old": os.path.abspath(args.old_tree), "new": here}
-
-    def child(name: str, dtype: str = "float32") -> float:
-        tree = trees[name]
-        cmd = [sys.executable, os.path.abspath(__file__), "--callback-child",
-               "--dtype", dtype, "--threads", str(args.threads), "--save", f"{tmp}/callback_{name}_{dtype}.pkl"]
-        cmd += ["--ckpt", args.ckpt] if args.ckpt else []
-        env = {**os.environ, "PYTHONPATH": tree, "OMP_NUM_THREADS": str(args.threads)}
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=tree, env=env).stdout
-        result = json.loads(out.strip().splitlines()[-1])
-        if not result["code"].startswith(tree + os.sep):
-            raise RuntimeError(f"the {name} child imported lib_lightning from {result['code']}, not from {tree}")
-        return result["wall_s"]
-
-    print(f"threads={args.threads} load before={os.getloadavg()} ckpt={args.ckpt} old tree={trees['old']}")
-    times: dict[str, list[float]] = {"old": [], "new": []}
-    for r in range(args.repeats):  # alternating, the order swapped every repeat
-        for name in ("old", "new") if r % 2 == 0 else ("new", "old"):
-            times[name].append(child(name))
-    print(f"load after={os.getloadavg()}")
-    for name in ("old", "new"):
-        runs = ", ".join(f"{t:.2f}" for t in times[name])
-        print(f"{name}: median {statistics.median(times[name]):.2f} s per build (runs {runs})")
-    print(f"old / new: {statistics.median(times['old']) / statistics.median(times['new']):.2f}x")
-    child("new", "float64")
-    _compare_callback_graphs({"float64": f"{tmp}/callback_new_float64.pkl", "old": f"{tmp}/callback_old_float32.pkl",
-                              "new": f"{tmp}/callback_new_float32.pkl"})
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--impl", choices=IMPLS)
@@ -307,11 +191,13 @@ def main() -> None:
     if args.impl:
         _child(args)
         return
-    if args.callback_child:
-        _callback_child(args)
-        return
-    if args.callback_setting:
-        (_callback_against_tree if args.old_tree else _callback_setting)(args)
+    if args.callback_child or args.callback_setting:
+        import callback_build  # the training callback's build: this folder is on sys.path as the script's
+
+        if args.callback_child:
+            callback_build.child(args)
+        else:
+            (callback_build.against_tree if args.old_tree else callback_build.probe_on_off)(args)
         return
 
     def run(impl: str, n: int, save: str | None = None, chunk_size: int | None = None, reverse: bool = False) -> dict:
@@ -325,7 +211,7 @@ def main() -> None:
 
     tmp = os.environ.get("TMPDIR", "/tmp")
     print(f"threads={args.threads} chunk_size={args.chunk_size} cache={args.cache_mb} MB load={os.getloadavg()}")
-    n = 3830
+    n = args.n
     rows = {impl: [] for impl in ["reference", *[i for i in args.impls if i != "reference"]]}
     for r in range(args.repeats):  # interleaved, so drifts in machine load hit every implementation alike
         for impl in rows:
