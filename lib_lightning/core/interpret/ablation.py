@@ -158,12 +158,26 @@ def check_data(data: Data) -> Data:
 def _projections(feats: torch.Tensor, directions: torch.Tensor, ks: list[int], dtype: torch.dtype) -> torch.Tensor:
     """``(c * e, pos, d)`` in ``dtype``: copy j is f C_{k_j} C⁺ of ``feats`` ``(e, pos, d_lib)``, computed in
     the features' precision from ``directions`` ``(d_lib, d)`` (rows of C⁺, constant coordinate dropped)
-    and rounded once to the dtype the model runs in."""
-    e, pos, _ = feats.shape
-    acts = torch.empty(len(ks), e, pos, directions.shape[1], dtype=dtype, device=feats.device)
+    and rounded once to the dtype the model runs in.
+
+    ``ks`` ascending: one running sum, each k adding the features since the previous one (Σ k_j − k_{j−1}
+    columns multiplied in all, not Σ k_j: 2-3x faster on the main job's schedule). The same sums as one
+    product per k up to the rounding of the features' precision (float64), which the rounding to a float32
+    model's dtype does not see in practice (tests/core/interpret/test_sections.py)."""
+    e, pos, d_lib = feats.shape
+    d = directions.shape[1]
+    acts = torch.empty(len(ks), e * pos, d, dtype=dtype, device=feats.device)
+    rows = feats.reshape(e * pos, d_lib)
+    running = torch.zeros(e * pos, d, dtype=torch.promote_types(feats.dtype, directions.dtype), device=feats.device)
+    done = 0
     for j, k in enumerate(ks):
-        acts[j] = feats[..., :k] @ directions[:k]  # (e, pos, d)
-    return acts.reshape(-1, pos, directions.shape[1])  # (c * e, pos, d)
+        if k < done:
+            raise ValueError(f"ks must be ascending, got {list(ks)}")
+        if k > done:
+            running.addmm_(rows[:, done:k], directions[done:k])
+            done = k
+        acts[j].copy_(running)
+    return acts.view(-1, pos, d)  # (c * e, pos, d)
 
 
 def _node_sums(section: Section, basis: LayerBasis, inputs: Any, labels: torch.Tensor, feats: torch.Tensor,
@@ -172,7 +186,7 @@ def _node_sums(section: Section, basis: LayerBasis, inputs: Any, labels: torch.T
     k features, for each k < d_lib of ``ks``; several ks share one forward of the rest of the model where
     ``stacked`` (the projections made in the features' precision, handed over in ``dtype``)."""
     if affine is not None:
-        return torch.stack([evaluation_update(affine(feats, k), labels) for k in ks])
+        return torch.stack([evaluation_update(out, labels) for out in affine.prefixes(feats, ks)])
     batch = feats.shape[0]
     examples, copies = row_plan(batch, len(ks), max_rows) if stacked else (batch, 1)
     directions = basis.directions()  # (d_lib, d)

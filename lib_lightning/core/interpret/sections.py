@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import torch
@@ -200,6 +201,24 @@ class AffineMap:
         A = self.A if k is None else self.A[:, :k]
         feats = feats if k is None else feats[..., :k]
         return self.a0.to(dtype) + torch.tensordot(feats.to(dtype), A.to(dtype), dims=([1, 2], [0, 1]))
+
+    def prefixes(self, feats: torch.Tensor, ks: list[int]) -> Iterator[torch.Tensor]:
+        """``self(feats, k)`` for each k of the ascending ``ks``, as one running sum that adds the features
+        since the previous k (Σ k_j − k_{j−1} columns contracted in all, not Σ k_j); equal to it up to the
+        rounding of the wider dtype. Each result is the running sum itself, changed by the next step: use
+        it before asking for the next one."""
+        dtype = torch.promote_types(feats.dtype, self.A.dtype)
+        batch, pos_in, _ = feats.shape
+        feats, A = feats.to(dtype), self.A.to(dtype).reshape(pos_in, self.A.shape[1], -1)  # (pos_in, k_in, out)
+        running = self.a0.to(dtype).reshape(1, -1).repeat(batch, 1)  # (batch, out)
+        done = 0
+        for k in ks:
+            if k < done:
+                raise ValueError(f"ks must be ascending, got {list(ks)}")
+            for p in range(pos_in) if k > done else ():
+                running.addmm_(feats[:, p, done:k], A[p, done:k])
+            done = k
+            yield running.view(batch, *self.a0.shape)
 
     def bound(self, feats: torch.Tensor) -> torch.Tensor:
         """The largest ``|a0| + Σ |f A|``: the scale of the rounding error of a real forward and of this map."""

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from lib_lightning.core.interpret.ablation import copy_updates, evaluation_update, node_ablation
+from lib_lightning.core.interpret.ablation import _projections, copy_updates, evaluation_update, node_ablation
 from lib_lightning.core.interpret.edge_ablation import _section_features, edge_ablation, edge_mask
 from lib_lightning.core.interpret.edge_columns import ColumnCache, affine_columns, new_columns
 from lib_lightning.core.interpret.sections import (
-    Section, affine_holds, affine_map, layer_features, probe_masks, row_plan, section_mode, stacking_holds,
+    AffineMap, Section, affine_holds, affine_map, layer_features, probe_masks, row_plan, section_mode, stacking_holds,
 )
 from lib_lightning.core.lib import build_graphs
 from lib_lightning.core.lib.capture import NodeLayer, capture, default_forward
@@ -240,3 +240,38 @@ def test_new_columns_in_the_models_dtype_equal_the_cast_in_the_hook():
         new_columns(section, True, basis_in, basis_out, batches, mask, handed, max_rows=64, dtype=dtype)
     assert dtype == torch.float32
     assert torch.equal(handed.columns(mask), by_hook.columns(mask))
+
+
+def test_running_projections_equal_one_product_per_k():
+    """The node ablation's copies f C_k C⁺ as one running sum over the ascending ks equal one product per k
+    (to float64 rounding), are handed over in the model's dtype, and refuse ks out of order."""
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(7, 3, 20, generator=gen, dtype=torch.float64)  # (e, pos, d_lib)
+    directions = torch.randn(20, 6, generator=gen, dtype=torch.float64)  # (d_lib, d)
+    ks = [0, 1, 2, 5, 5, 11, 19]  # a repeated k and a zero k included
+    for dtype in (torch.float64, torch.float32):
+        got = _projections(feats, directions, ks, dtype).view(len(ks), 7, 3, 6)
+        assert got.dtype == dtype
+        for j, k in enumerate(ks):
+            want = (feats[..., :k] @ directions[:k]).to(dtype)
+            torch.testing.assert_close(got[j], want, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=1e-12)
+        assert torch.equal(got[0], torch.zeros_like(got[0]))
+    with pytest.raises(ValueError, match="ks must be ascending"):
+        _projections(feats, directions, [3, 2], torch.float64)
+
+
+@pytest.mark.parametrize("pos_in", [1, 3])
+def test_affine_prefixes_equal_the_map_at_each_k(pos_in):
+    """AffineMap.prefixes (the affine rest of a node ablation, one running sum over the ks) gives the map
+    with only the first k features at each k, for one or several input positions; ks out of order refused."""
+    gen = torch.Generator().manual_seed(1)
+    affine = AffineMap(torch.randn(2, 5, generator=gen, dtype=torch.float64),
+                       torch.randn(pos_in, 9, 2, 5, generator=gen, dtype=torch.float32))
+    feats = torch.randn(11, pos_in, 9, generator=gen, dtype=torch.float64)
+    ks = [0, 1, 4, 4, 8]
+    outs = [out.clone() for out in affine.prefixes(feats, ks)]
+    for k, out in zip(ks, outs, strict=True):
+        assert out.shape == (11, 2, 5) and out.dtype == torch.float64
+        torch.testing.assert_close(out, affine(feats, k), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="ks must be ascending"):
+        list(affine.prefixes(feats, [4, 1]))
