@@ -7,12 +7,14 @@ best ratio any implementation could reach if everything else cost nothing:
   forwards of a section, or of the rest of the model after a node layer) per ablation phase. With the
   same search (the same ks) every distinct (row, kept count) of a nonlinear section needs one such run on
   every held-out example. ``--code DIR`` also runs ``analyze`` on the code in DIR (e.g. main before issue
-  16), one after the other, for the old phase times.
+  16), one after the other, for the old phase times; the node phase also times its loss and accuracy
+  reductions of the logits (one per evaluated row, in float64), which every implementation needs too.
 - ``build``: the exact float64 LIB build of ``lib_build.py`` (``ours-recon``) and its reference, alternating;
   the time inside ``torch.autograd.grad`` (one VJP per kept feature and chunk, the affine sections
   already at one example per chunk) and the edges phase (every example's attributions, matrix products).
 
     python benchmarks/floors.py ablation --ckpt checkpoints/modadd/version_0/checkpoints/last.ckpt --code /tmp/old
+    python benchmarks/floors.py ablation --nodes-only --repeats 3 --ckpt ... --code /tmp/old   # the node phase alone
     python benchmarks/floors.py build --repeats 3
 """
 
@@ -58,17 +60,22 @@ class Timer:
         return run
 
 
-def _analyze_child(ckpt: str, out: str, result: str) -> None:
-    """``analyze`` with ``Section.run`` timed per ablation phase (this tree's code)."""
+def _analyze_child(ckpt: str, out: str, result: str, *extra: str) -> None:
+    """``analyze`` with ``Section.run`` timed per ablation phase (this tree's code), and the node ablation's
+    loss and accuracy reductions of the logits (``copy_updates``, ``evaluation_update``)."""
     from lib_lightning import analyze
-    from lib_lightning.core.interpret import sections
+    from lib_lightning.core.interpret import ablation, sections
 
-    timer = Timer()
+    timer, reductions = Timer(), Timer()
     sections.Section.run = timer.wrap(sections.Section.run)
-    analyze.node_ablation = timer.labelled("node ablation", analyze.node_ablation)
-    analyze.edge_ablation = timer.labelled("edge ablation", analyze.edge_ablation)
-    metrics = analyze.main(["--ckpt", ckpt, "--out", out, "--threads", "1", "--no-progress"])
-    Path(result).write_text(json.dumps({"timings": metrics["timings_s"], "forwards": timer.seconds}))
+    for name in ("copy_updates", "evaluation_update"):
+        setattr(ablation, name, reductions.wrap(getattr(ablation, name)))
+    for name in ("node_ablation", "edge_ablation"):
+        phase = name.replace("_", " ")
+        setattr(analyze, name, reductions.labelled(phase, timer.labelled(phase, getattr(analyze, name))))
+    metrics = analyze.main(["--ckpt", ckpt, "--out", out, "--threads", "1", "--no-progress", *extra])
+    Path(result).write_text(json.dumps({"timings": metrics["timings_s"], "forwards": timer.seconds,
+                                        "reductions": reductions.seconds}))
 
 
 def _ablation(args) -> None:
@@ -80,11 +87,12 @@ def _ablation(args) -> None:
                 out, result = Path(tmp) / f"{code}{r}", Path(tmp) / f"{code}{r}.json"
                 env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0",
                        "PYTHONPATH": str(ROOT) if code == "new" else args.code}
+                extra = ["--no-edge-ablation"] if args.nodes_only else []
                 if code == "new":
-                    cmd = [sys.executable, __file__, "ablation-child", ckpt, str(out), str(result)]
+                    cmd = [sys.executable, __file__, "ablation-child", ckpt, str(out), str(result), *extra]
                 else:  # the old code as a user runs it: no timers inside
                     cmd = [sys.executable, "-m", "lib_lightning", "analyze", "--ckpt", ckpt, "--out", str(out),
-                           "--threads", "1", "--no-progress"]
+                           "--threads", "1", "--no-progress", *extra]
                 subprocess.run(cmd, cwd=args.code if code == "old" else ROOT, env=env, check=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 if code == "new":
@@ -93,13 +101,16 @@ def _ablation(args) -> None:
                     runs[code].append({"timings": json.loads((out / "metrics.json").read_text())["timings_s"]})
                 print(f"{code} run {r}: {runs[code][-1]} load {os.getloadavg()}", flush=True)
     print(f"\nanalyze --threads 1 on {args.ckpt}, medians of {args.repeats} (load {os.getloadavg()})\n")
-    print("| phase | old s | new s | ratio | new: in Section.run s | floor ratio (old / Section.run) |")
-    print("|---|---|---|---|---|---|")
-    for phase in ("node ablation", "edge ablation"):
+    print("| phase | old s | new s | ratio | new: in Section.run s | floor ratio (old / Section.run) "
+          "| new: loss and accuracy reductions s | old / (Section.run + reductions) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for phase in ("node ablation",) + (() if args.nodes_only else ("edge ablation",)):
         new = statistics.median(x["timings"][phase] for x in runs["new"])
         floor = statistics.median(x["forwards"].get(phase, 0.0) for x in runs["new"])
+        reduce = statistics.median(x["reductions"].get(phase, 0.0) for x in runs["new"])
         old = statistics.median(x["timings"][phase] for x in runs["old"]) if runs["old"] else float("nan")
-        print(f"| {phase} | {old:.1f} | {new:.1f} | {old / new:.1f}x | {floor:.1f} | {old / floor:.1f}x |")
+        print(f"| {phase} | {old:.1f} | {new:.1f} | {old / new:.1f}x | {floor:.1f} | {old / floor:.1f}x | {reduce:.1f} "
+              f"| {old / (floor + reduce):.1f}x |")
 
 
 def _build(args) -> None:
@@ -144,7 +155,7 @@ def _build(args) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "ablation-child":
-        _analyze_child(*sys.argv[2:5])
+        _analyze_child(*sys.argv[2:])
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -152,6 +163,7 @@ def main() -> None:
     ablation.add_argument("--ckpt", required=True)
     ablation.add_argument("--code", default=None, help="a tree with the old code, run alternating with this one")
     ablation.add_argument("--repeats", type=int, default=1)
+    ablation.add_argument("--nodes-only", action="store_true", help="analyze --no-edge-ablation: the node phase alone")
     build = sub.add_parser("build")
     build.add_argument("--ckpt", default=None)
     build.add_argument("--n", type=int, default=3830)
