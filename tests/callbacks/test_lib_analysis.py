@@ -187,6 +187,24 @@ def test_image_summary_is_what_add_image_writes():
         image_summary("x", pixels.astype(np.float32))
 
 
+def test_a_writer_other_than_torch_s_gets_add_image():
+    """tensorboardX's SummaryWriter (what Lightning uses without tensorboard) has its own protobuf classes."""
+    import numpy as np
+
+    from callbacks._tensorboard import _add_image
+
+    class Writer:
+        def __init__(self):
+            self.calls = []
+
+        def add_image(self, *args, **kwargs):
+            self.calls.append((args, kwargs))
+
+    writer, pixels = Writer(), np.zeros((2, 3, 3), dtype=np.uint8)
+    _add_image(writer, "lib/spectra", pixels, 4)
+    assert writer.calls == [(("lib/spectra", pixels, 4), {"dataformats": "HWC"})]
+
+
 def test_two_process_ddp_gives_the_same_graphs_as_one_process(tmp_path):
     """Two gloo processes, each with its own shard (rank::2), sums reduced by the strategy.
 
