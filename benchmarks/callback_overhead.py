@@ -12,7 +12,8 @@ the code in DIR (e.g. ``git worktree add /tmp/old main``), alternating with this
     python benchmarks/callback_overhead.py --repeats 2 --variants "LIB only" --threads 1 --code /tmp/old
 
 ``--phases CKPT`` instead times the parts of single analyses of the config's LIB callback on a trained
-checkpoint (no training), alternating between this tree and ``--code``:
+checkpoint (no training), alternating between this tree and ``--code``; ``--analyses`` per run (4; 9 gives
+two more with figures, as the callback draws them at every ``figures_every``-th):
 
     python benchmarks/callback_overhead.py --phases checkpoints/modadd/version_0/checkpoints/last.ckpt \
         --repeats 5 --threads 1 --code /tmp/old
@@ -96,7 +97,8 @@ def _child(config: str, out: str, threads: int | None) -> None:
 _PARTS = (("callbacks._analysis_set", "AnalysisSet", "_finite"), ("callbacks._analysis_set", None, "check_build"),
           ("callbacks.lib_analysis", None, "build_graphs"), ("callbacks.lib_analysis", None, "summarise"),
           ("callbacks.lib_analysis", "LIBAnalysis", "_relu_metrics"), ("callbacks._lib_logging", "AnalysisLogging", "_save"),
-          ("callbacks._lib_logging", "AnalysisLogging", "_log_extras"))
+          ("callbacks._lib_logging", "AnalysisLogging", "_log_extras"), ("lib_lightning.plotting", None, "plot_spectra"),
+          ("lib_lightning.plotting", None, "plot_interaction_graph"), ("lib_lightning.plotting", None, "figure_to_array"))
 
 
 def _phases_child(config_path: str, ckpt: str, out: str, analyses: int) -> None:
@@ -147,7 +149,8 @@ def _phases_child(config_path: str, ckpt: str, out: str, analyses: int) -> None:
         metrics = cb.history[-1]["metrics"]
         phases = {k: v for k, v in metrics.items() if k.startswith("lib/time/")}
         logged = {k: v for k, v in metrics.items() if not k.startswith("lib/time/")}
-        rows.append({"analysis": i, "total": total, **seconds, **phases, "logged": logged})
+        rows.append({"analysis": i, "figures": i % cb.figures_every == 0, "total": total, **seconds, **phases,
+                     "logged": logged})
         cb.history[-1]["step"] = -1 - i  # so that step 0 is analysed again (the guard against repeats)
     Path(out).write_text(json.dumps(rows))
 
@@ -161,17 +164,23 @@ def _phases(args, codes: dict[str, str]) -> None:
                 threads = ["--threads", str(args.threads)] if args.threads else []
                 env = {**os.environ, "PYTHONPATH": code_dir, "PYTHONHASHSEED": "0"}
                 subprocess.run([sys.executable, __file__, "--phases", args.phases, "--phases-child", args.config, str(out),
-                                *threads], cwd=tmp, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                "--analyses", str(args.analyses), *threads], cwd=tmp, check=True, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 results[code].append(json.loads(Path(out).read_text()))
     _compare_logged(results)
-    print(f"phases of one analysis: config={args.config} ckpt={args.phases} repeats={args.repeats} (4 analyses each) "
-          f"threads={args.threads} code={codes} load={os.getloadavg()}")
-    for which, pick in (("first analysis (checks, figures)", lambda rows: rows[:1]), ("later analyses", lambda rows: rows[1:])):
+    print(f"phases of one analysis: config={args.config} ckpt={args.phases} repeats={args.repeats} "
+          f"({args.analyses} analyses each) threads={args.threads} code={codes} load={os.getloadavg()}")
+    groups = (("first analysis (checks, figures)", lambda rows: rows[:1]),
+              ("later analyses with figures", lambda rows: [row for row in rows[1:] if row.get("figures")]),
+              ("later analyses without figures", lambda rows: [row for row in rows[1:] if not row.get("figures", False)]))
+    for which, pick in groups:
+        if not any(pick(rows) for runs in results.values() for rows in runs):
+            continue
         print(f"\n{which}: median seconds over runs and analyses\n")
         print("| part | " + " | ".join(codes) + " |")
         print("|---|" + "---|" * len(codes))
         keys = list(dict.fromkeys(k for runs in results.values() for rows in runs for row in pick(rows) for k in row))
-        for key in (k for k in keys if k not in ("analysis", "logged")):
+        for key in (k for k in keys if k not in ("analysis", "figures", "logged")):
             cells = []
             for runs in results.values():
                 values = [row.get(key, 0.0) for rows in runs for row in pick(rows)]
@@ -252,6 +261,8 @@ def main() -> None:
     parser.add_argument("--phases", default=None, metavar="CKPT", help="time the parts of single analyses on CKPT")
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "OUT"))
     parser.add_argument("--phases-child", nargs=2, metavar=("CONFIG", "OUT"))
+    parser.add_argument("--analyses", type=int, default=4, help="with --phases: analyses per run (figures at every "
+                        "figures_every-th, from the first)")
     args = parser.parse_args()
     if args.threads:
         import torch
@@ -261,7 +272,7 @@ def main() -> None:
         _child(*args.child, args.threads)
         return
     if args.phases_child:
-        _phases_child(args.phases_child[0], args.phases, args.phases_child[1], analyses=4)
+        _phases_child(args.phases_child[0], args.phases, args.phases_child[1], analyses=args.analyses)
         return
     codes = {"[this tree] ": str(ROOT)} | ({"[--code] ": str(Path(args.code).resolve())} if args.code else {})
     if args.phases:

@@ -128,3 +128,44 @@ def test_plot_interaction_graph_cap_keeps_the_most_important_features_and_says_s
     assert "+ 3 more with edges (first 2 drawn)\n+ 2 without edges" in texts  # layer a: 5 carry edges, 2 none
     with pytest.raises(ValueError, match=r"min_weight must be >= 0, got -1"):
         plot_interaction_graph(graph, min_weight=-1)
+
+
+def _overlap(a, b) -> bool:
+    """Whether two display bboxes share more than a pixel of area."""
+    return min(a.x1, b.x1) - max(a.x0, b.x0) > 1 and min(a.y1, b.y1) - max(a.y0, b.y0) > 1
+
+
+@pytest.mark.parametrize("panels", [1, 2, 6])
+def test_plot_spectra_texts_stay_inside_and_apart(panels):
+    gen = torch.Generator().manual_seed(panels)
+    lam = torch.logspace(0, -15, 128, dtype=torch.float64) * (1 + 0.1 * torch.rand(128, generator=gen, dtype=torch.float64))
+    names = [f"resid_{i}" for i in range(panels)]
+    names[-1] = "transformer.h.11.mlp.hook_post_activation_of_a_rather_long_module_name"
+    spectra = {name: {"lib": lam[: 100 + 5 * i], "pca": lam.sqrt()} for i, name in enumerate(names)}
+    title = "Λ (LIB) and variances (PCA) of a model with a long name, at step 123456 of a long run"
+    fig = plot_spectra(spectra, title=title)
+    figure_to_array(fig)  # draws: tick labels exist from here
+    renderer = fig.canvas.get_renderer()
+    inside = fig.bbox.padded(1)
+    boxes = [ax.get_tightbbox(renderer) for ax in fig.axes]  # panel, its ticks, labels, title, legend
+    suptitle = fig._suptitle.get_window_extent(renderer)
+    for box in boxes + [suptitle]:
+        assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1
+    for i, box in enumerate(boxes):
+        assert not _overlap(box, suptitle)
+        assert not any(_overlap(box, other) for other in boxes[i + 1:])
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            labels = [t for t in axis.get_ticklabels() if t.get_visible() and t.get_text()]
+            assert len(labels) >= 2
+            assert all("$" not in t.get_text() for t in labels)  # plain text, no mathtext
+            extents = [t.get_window_extent(renderer) for t in labels]
+            assert not any(_overlap(a, b) for j, a in enumerate(extents) for b in extents[j + 1:])
+        assert [t.get_text() for t in ax.yaxis.get_ticklabels(minor=True) if t.get_text()] == []
+
+
+def test_plot_spectra_under_one_decade_keeps_matplotlibs_labels():
+    fig = plot_spectra({"a": {"lib": torch.tensor([1.0, 0.9, 0.5, 0.3], dtype=torch.float64)}}, title="flat")
+    figure_to_array(fig)
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.yaxis.get_ticklabels(minor=True) if t.get_text()]  # minor ticks labelled

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from lib_lightning.core.metrics.sparsity import n_to_hold
+from lib_lightning.core.metrics.sparsity import n_to_hold_each
 from lib_lightning.core.validation import check_thresholds, check_weights
 
 __all__ = ["GradientDegeneracy", "SpectrumStats", "gradient_degeneracy", "gram_rank_deficit", "spectrum_stats"]
@@ -76,14 +76,15 @@ def spectrum_stats(
         return SpectrumStats(dim, 0, 0, 0.0, 0.0, 0, 0, 0.0)
     p = lam / total  # (dim,)
     entropy = -torch.xlogy(p, p).sum()
+    n_90, n_99 = n_to_hold_each(lam, (0.9, 0.99))
     return SpectrumStats(
         dim=dim,
         kept_abs=int((lam > abs_threshold).sum()),
         kept_rel=int((lam > rel_threshold * lam.max()).sum()),
         participation_ratio=float(total**2 / (lam**2).sum()),
         effective_rank=float(torch.exp(entropy)),
-        n_90=n_to_hold(lam, 0.9),
-        n_99=n_to_hold(lam, 0.99),
+        n_90=n_90,
+        n_99=n_99,
         total=float(total),
     )
 

@@ -120,14 +120,19 @@ def match_features(prev_dirs: torch.Tensor, new_dirs: torch.Tensor) -> torch.Ten
         )
     k_prev, k_new = prev.shape[0], new.shape[0]
     cos = (_unit_rows(new) @ _unit_rows(prev).T).abs()  # (k_new, k_prev)
-    matched = torch.full((k_new,), -1, dtype=torch.long)
-    for _ in range(min(k_new, k_prev)):
-        flat = int(torch.argmax(cos))  # first maximum in row-major order: lowest new, then lowest prev
+    # The pairs by |cos|, largest first, ties in row-major order (lowest new, then lowest prev: a stable
+    # sort); the greedy pick is then the first pair of the order whose two sides are both still free.
+    order = torch.sort(cos.reshape(-1), descending=True, stable=True).indices.tolist()
+    matched, taken = [-1] * k_new, [False] * k_prev
+    left = min(k_new, k_prev)
+    for flat in order:
+        if not left:
+            break
         i, j = divmod(flat, k_prev)
-        matched[i] = j
-        cos[i, :] = -1.0
-        cos[:, j] = -1.0
-    return matched
+        if matched[i] < 0 and not taken[j]:
+            matched[i], taken[j] = j, True
+            left -= 1
+    return torch.tensor(matched, dtype=torch.long)
 
 
 def adjusted_rand_index(labels_a: torch.Tensor, labels_b: torch.Tensor) -> float:
@@ -157,9 +162,9 @@ def adjusted_rand_index(labels_a: torch.Tensor, labels_b: torch.Tensor) -> float
     _, a = torch.unique(labels_a.cpu(), return_inverse=True)  # (n,) in [0, n_a)
     _, b = torch.unique(labels_b.cpu(), return_inverse=True)  # (n,) in [0, n_b)
     n_b = int(b.max()) + 1
-    table = torch.bincount(a * n_b + b).tolist()  # flattened contingency table (exact ints)
-    index = _pairs(table)
-    sum_a, sum_b = _pairs(torch.bincount(a).tolist()), _pairs(torch.bincount(b).tolist())
+    _, cells = torch.unique(a * n_b + b, return_counts=True)  # the non-empty cells of the contingency table
+    index = _pairs(cells)
+    sum_a, sum_b = _pairs(torch.bincount(a)), _pairs(torch.bincount(b))
     n = labels_a.numel()
     expected = sum_a * sum_b / (n * (n - 1) // 2) if n > 1 else 0.0
     denominator = 0.5 * (sum_a + sum_b) - expected
@@ -205,9 +210,9 @@ def _unit_rows(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)
 
 
-def _pairs(counts: list[int]) -> int:
-    """Σ C(c, 2): pairs of items sharing a cell."""
-    return sum(c * (c - 1) // 2 for c in counts)
+def _pairs(counts: torch.Tensor) -> int:
+    """Σ C(c, 2) over int64 ``counts``: pairs of items sharing a cell (exact integers)."""
+    return int((counts * (counts - 1) // 2).sum())
 
 
 def _check_directions(dirs: torch.Tensor, name: str) -> torch.Tensor:

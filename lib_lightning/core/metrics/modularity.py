@@ -13,7 +13,7 @@ from typing import Hashable, Sequence
 import networkx as nx
 import torch
 
-from lib_lightning.core.metrics.sparsity import n_to_hold
+from lib_lightning.core.metrics.sparsity import n_to_hold_sorted, sorted_descending
 from lib_lightning.core.validation import check_fraction, check_weights
 
 __all__ = ["Communities", "METHODS", "WEIGHTINGS", "find_communities", "interaction_graph", "log_cutoff"]
@@ -35,9 +35,10 @@ def log_cutoff(edges: torch.Tensor, fraction: float) -> float:
     Returns:
         ε, or 0.0 if the section has no weight.
     """
-    weights = check_weights(edges.reshape(-1), "edges", ndim=1)
-    n = n_to_hold(weights, fraction)
-    return float(torch.sort(weights, descending=True).values[n - 1]) if n else 0.0
+    check_fraction(fraction)
+    descending = sorted_descending(check_weights(edges.reshape(-1), "edges", ndim=1))  # one sort for n and ε
+    (n,) = n_to_hold_sorted(descending, (fraction,))
+    return float(descending[n - 1]) if n else 0.0
 
 
 def interaction_graph(

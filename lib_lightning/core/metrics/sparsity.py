@@ -14,7 +14,8 @@ import torch
 
 from lib_lightning.core.validation import check_fraction, check_weights
 
-__all__ = ["EdgeSparsity", "edge_sparsity", "fraction_key", "n_to_hold"]
+__all__ = ["EdgeSparsity", "edge_sparsity", "fraction_key", "n_to_hold", "n_to_hold_each", "n_to_hold_sorted",
+           "sorted_descending"]
 
 # Slack on "the cumulative sum reaches fraction × total": cumulative sums carry round-off, and an exact
 # tie (e.g. 9 of 10 equal weights holding 90 %) must not tip over to the next count. Not a threshold.
@@ -37,16 +38,32 @@ def n_to_hold(values: torch.Tensor, fraction: float) -> int:
         ValueError: if ``values`` is not 1-D, has negative or non-finite entries, or ``fraction`` is
             outside (0, 1].
     """
-    check_fraction(fraction)
-    values = check_weights(values, "values", ndim=1)
-    if values.numel() == 0:
-        return 0
-    cumsum = torch.sort(values, descending=True).values.cumsum(0)  # (n,)
+    return n_to_hold_each(values, (fraction,))[0]
+
+
+def n_to_hold_each(values: torch.Tensor, fractions: Sequence[float]) -> tuple[int, ...]:
+    """:func:`n_to_hold` for each of ``fractions``, from one sort of ``values``."""
+    for fraction in fractions:
+        check_fraction(fraction)
+    return n_to_hold_sorted(sorted_descending(check_weights(values, "values", ndim=1)), fractions)
+
+
+def sorted_descending(values: torch.Tensor) -> torch.Tensor:
+    """``values`` sorted largest first: what the counts, the Gini coefficient and ε of the log weighting share."""
+    return torch.sort(values, descending=True).values
+
+
+def n_to_hold_sorted(descending: torch.Tensor, fractions: Sequence[float]) -> tuple[int, ...]:
+    """The counts of :func:`n_to_hold` for each of ``fractions`` (checked by the caller) from checked
+    weights already sorted largest first (:func:`sorted_descending`)."""
+    if descending.numel() == 0:
+        return (0,) * len(fractions)
+    cumsum = descending.cumsum(0)  # (n,)
     total = cumsum[-1]  # the same summation order as the prefix sums
     if total == 0:
-        return 0
-    target = fraction * total * (1.0 - _CUMSUM_RTOL)
-    return int(torch.searchsorted(cumsum, target.reshape(1)).item()) + 1
+        return (0,) * len(fractions)
+    targets = torch.tensor(list(fractions), dtype=cumsum.dtype) * total * (1.0 - _CUMSUM_RTOL)
+    return tuple(int(n) + 1 for n in torch.searchsorted(cumsum, targets).tolist())
 
 
 def fraction_key(fraction: float) -> str:
@@ -119,7 +136,8 @@ def edge_sparsity(
     k_out, k_in = edges.shape
     weights = edges.reshape(-1)  # (k_out * k_in,)
     n_edges = weights.numel()
-    n_required = tuple(n_to_hold(weights, fraction) for fraction in fractions)
+    descending = sorted_descending(weights)  # one sort for every count and the Gini coefficient
+    n_required = n_to_hold_sorted(descending, fractions)
     return EdgeSparsity(
         shape=(k_out, k_in),
         n_edges=n_edges,
@@ -127,15 +145,15 @@ def edge_sparsity(
         fractions=fractions,
         n_required=n_required,
         frac_required=tuple(n / n_edges if n_edges else 0.0 for n in n_required),
-        gini=_gini(weights),
+        gini=_gini(weights, descending),
     )
 
 
-def _gini(weights: torch.Tensor) -> float:
+def _gini(weights: torch.Tensor, descending: torch.Tensor) -> float:
     n = weights.numel()
     total = weights.sum()
     if n == 0 or total == 0:
         return 0.0
-    ascending = torch.sort(weights).values  # (n,)
+    ascending = descending.flip(0)  # (n,)
     i = torch.arange(1, n + 1, dtype=weights.dtype)
     return float(((2 * i - n - 1) * ascending).sum() / (n * total))

@@ -164,3 +164,29 @@ def test_probe_tolerance_is_relative_to_the_first_example():
     assert same_for_every_example(vjps, 1e-10)
     assert not same_for_every_example(vjps, 1e-13)
     assert not same_for_every_example(vjps * torch.tensor([[1.0], [1.0], [1.001]], dtype=torch.float64), 1e-10)
+
+
+@pytest.mark.parametrize("n, rows_per_call, rows_of_each_call", [(12, 1, [6]), (2, 1, [2, 2, 2]), (2, 2, [4, 2])])
+def test_shared_jacobian_takes_its_rows_batched_as_many_per_call_as_the_chunk_takes(
+    monkeypatch, n, rows_per_call, rows_of_each_call
+):
+    """The one example's 6 rows (pos_out 2 × d_out 3) go through autograd calls of the chunk's examples ×
+    ``rows_per_call`` rows (vmapped): one call for 12 examples, calls of 2 and 4 rows for 2; the J̄ is the
+    loop's, one row per call, to rounding."""
+    model, x = MaskedChain(), masked_inputs(n=n)
+    rule = integration_rule("gauss-legendre", 2)
+    mid, post = NodeLayer("mid"), NodeLayer("post")
+    grad, batched = torch.autograd.grad, []
+
+    def counting(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            batched.append(args[2].shape[0])  # rows of this call
+        return grad(*args, **kwargs)
+
+    with analysis_mode(model, torch.float64):
+        one = {key: value[:1] for key, value in x.items()}
+        _, loop = integrated_jacobian(model, mid, post, one, rule, hf_forward, rows_per_call=1)
+        monkeypatch.setattr(torch.autograd, "grad", counting)
+        _, jac = shared_jacobian(model, mid, post, x, rule, hf_forward, 1e-10, seed=0, rows_per_call=rows_per_call)
+    assert batched == rows_of_each_call * 3  # at each of the rule's 3 points
+    torch.testing.assert_close(jac, loop, rtol=1e-13, atol=1e-15)
