@@ -15,7 +15,8 @@ is checked is the quantity used, not a property of the model.
 The one example's rows are taken several per autograd call (batched through vmap): as many rows per call
 as the per-example path takes example-rows (the chunk's examples × ``rows_per_call``), so no more memory
 per call, and every row of the usual chunks in one call: on CPU the training callback's unembedding (113
-rows) takes 2.7 ms instead of 11 ms one row at a time, with the same numbers. The probe stays one VJP per
+rows) takes 2.7 ms instead of 11 ms one row at a time, with the same numbers; a section whose backward
+vmap cannot batch (an error from the batched call) takes them as the per-example path does. The probe stays one VJP per
 direction: its two directions batched were no faster on CPU (benchmarks/README.md).
 
 The result keeps a batch dimension of 1, broadcast against the chunk's activations: M′ counts it once
@@ -92,8 +93,13 @@ def shared_jacobian(
         return None
     one = select_examples(inputs, slice(0, 1))
     per_call = acts.shape[0] * rows_per_call  # the example-rows of one call of the per-example path
-    return acts, integrated_jacobian(model, layer_in, layer_out, one, rule, forward, point, out_basis, None,
-                                     per_call)[1]
+    args = (model, layer_in, layer_out, one, rule, forward, point, out_basis, None)
+    try:
+        return acts, integrated_jacobian(*args, per_call)[1]
+    except RuntimeError as err:  # a backward that vmap cannot batch: the rows as the per-example path takes them
+        if per_call <= rows_per_call or isinstance(err, torch.OutOfMemoryError):
+            raise
+        return acts, integrated_jacobian(*args, rows_per_call)[1]
 
 
 def is_shared(acts: torch.Tensor, g: torch.Tensor) -> bool:

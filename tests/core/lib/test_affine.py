@@ -190,3 +190,26 @@ def test_shared_jacobian_takes_its_rows_batched_as_many_per_call_as_the_chunk_ta
         _, jac = shared_jacobian(model, mid, post, x, rule, hf_forward, 1e-10, seed=0, rows_per_call=rows_per_call)
     assert batched == rows_of_each_call * 3  # at each of the rule's 3 points
     torch.testing.assert_close(jac, loop, rtol=1e-13, atol=1e-15)
+
+
+def test_shared_jacobian_falls_back_to_the_chunk_s_rows_when_vmap_fails(monkeypatch):
+    """A backward that vmap cannot batch (here: every batched call raises) still gets the one example's J̄,
+    taken as the per-example path takes rows (``rows_per_call`` per call), equal to the loop's."""
+    model, x = MaskedChain(), masked_inputs(n=12)
+    rule = integration_rule("gradient", 0)
+    mid, post = NodeLayer("mid"), NodeLayer("post")
+    grad, calls = torch.autograd.grad, []
+
+    def no_vmap(*args, **kwargs):
+        calls.append(bool(kwargs.get("is_grads_batched")))
+        if kwargs.get("is_grads_batched"):
+            raise RuntimeError("vmap: no batching rule for this op")
+        return grad(*args, **kwargs)
+
+    with analysis_mode(model, torch.float64):
+        one = {key: value[:1] for key, value in x.items()}
+        _, loop = integrated_jacobian(model, mid, post, one, rule, hf_forward, rows_per_call=1)
+        monkeypatch.setattr(torch.autograd, "grad", no_vmap)
+        _, jac = shared_jacobian(model, mid, post, x, rule, hf_forward, 1e-10, seed=0, rows_per_call=1)
+    assert calls[:3] == [False, False, True] and not any(calls[3:])  # 2 probe rows, the failed call, then the loop
+    torch.testing.assert_close(jac, loop, rtol=1e-13, atol=1e-15)
