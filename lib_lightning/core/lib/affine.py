@@ -3,7 +3,9 @@
 An affine section (the unembedding; any chain of Linear layers) has the same integrated Jacobian J̄ at
 every example, so the chunk needs one set of VJPs at a single example, not one set over the batch. A
 section is never assumed affine: every chunk is probed. The integrated VJPs of two random cotangents
-(the same for every example) are taken over the whole chunk, at the very point and with the very rule
+(the same for every example) are taken over the chunk's first :data:`PROBE_FIRST` examples, then, if they
+agree, over the whole chunk (the attention and MLP of the main job's callback differ on the first few: 4
+examples' probe instead of 400's), at the very point and with the very rule
 of the Jacobian; the chunk is *shared* when every example's VJPs equal the first example's to ``rtol``
 relative (rounding). Otherwise the caller takes the per-example path.
 
@@ -36,11 +38,12 @@ from torch import nn
 from lib_lightning.core.lib.basis import LayerBasis
 from lib_lightning.core.lib.capture import Forward, NodeLayer, select_examples
 from lib_lightning.core.lib.integration import IntegrationRule
-from lib_lightning.core.lib.jacobian import GivenRows, integrated_jacobian, integrated_vjps, point_of
+from lib_lightning.core.lib.jacobian import GivenRows, batch_size, integrated_jacobian, integrated_vjps, point_of
 
-__all__ = ["PROBE_DIRECTIONS", "same_for_every_example", "shared_jacobian", "is_shared"]
+__all__ = ["PROBE_DIRECTIONS", "PROBE_FIRST", "same_for_every_example", "shared_jacobian", "is_shared"]
 
 PROBE_DIRECTIONS = 2  # random cotangents per chunk: one would do almost surely; two cost little more
+PROBE_FIRST = 4  # examples probed first: a section whose few first examples differ is not probed on the rest
 
 
 def same_for_every_example(vjps: torch.Tensor, rtol: float) -> bool:
@@ -84,10 +87,16 @@ def shared_jacobian(
     Raises:
         ValueError: if the activation or the Jacobian contains NaN or Inf.
     """
-    acts = point_of(model, layer_in, inputs, forward, point)
-    if acts.shape[0] < 2:
+    batch = batch_size(inputs)
+    if batch < 2:
         return None
     rows = functools.partial(_RandomRows, seed, PROBE_DIRECTIONS)
+    if batch > PROBE_FIRST:  # most sections that are not shared differ already here, for a fraction of the cost
+        first = select_examples(inputs, slice(0, PROBE_FIRST))
+        acts = point_of(model, layer_in, first, forward, point)
+        if not same_for_every_example(integrated_vjps(model, layer_in, layer_out, first, acts, rule, forward, rows)[0], rtol):
+            return None
+    acts = point_of(model, layer_in, inputs, forward, point)
     probe, _ = integrated_vjps(model, layer_in, layer_out, inputs, acts, rule, forward, rows)
     if not same_for_every_example(probe, rtol):
         return None

@@ -211,5 +211,28 @@ def test_shared_jacobian_falls_back_to_the_chunk_s_rows_when_vmap_fails(monkeypa
         _, loop = integrated_jacobian(model, mid, post, one, rule, hf_forward, rows_per_call=1)
         monkeypatch.setattr(torch.autograd, "grad", no_vmap)
         _, jac = shared_jacobian(model, mid, post, x, rule, hf_forward, 1e-10, seed=0, rows_per_call=1)
-    assert calls[:3] == [False, False, True] and not any(calls[3:])  # 2 probe rows, the failed call, then the loop
+    failed = calls.index(True)  # the probes' VJPs (one direction per call) come first, then the one batched call
+    assert calls.count(True) == 1 and not any(calls[:failed]) and len(calls) > failed + 1  # then the loop
     torch.testing.assert_close(jac, loop, rtol=1e-13, atol=1e-15)
+
+
+def test_probe_stops_at_the_first_examples_when_they_differ(monkeypatch):
+    """A section whose first PROBE_FIRST examples differ is not probed on the rest of the chunk (the main
+    job's attention and MLP); a shared one is probed on those first, then on every example."""
+    model, x = MaskedChain(), masked_inputs(n=12)
+    rule = integration_rule("gradient", 0)
+    layers = {name: NodeLayer(name) for name in ("pre", "mid", "post")}
+    grad, examples = torch.autograd.grad, []
+
+    def counting(*args, **kwargs):
+        examples.append(args[1].shape[0])  # the leaf's examples
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting)
+    with analysis_mode(model, torch.float64):
+        assert shared_jacobian(model, layers["pre"], layers["mid"], x, rule, hf_forward, 1e-10, seed=0) is None
+        assert examples == [affine_module.PROBE_FIRST] * affine_module.PROBE_DIRECTIONS
+        examples.clear()
+        assert shared_jacobian(model, layers["mid"], layers["post"], x, rule, hf_forward, 1e-10, seed=0) is not None
+    probes = affine_module.PROBE_DIRECTIONS
+    assert examples == [affine_module.PROBE_FIRST] * probes + [12] * probes + [1]  # then the one example's rows
