@@ -191,8 +191,8 @@ def _phases(args, codes: dict[str, str]) -> None:
 def _compare_logged(results: dict[str, list[list[dict]]]) -> None:
     """Whether every code logged the same metrics (all but the times) in each analysis of its first run.
 
-    The children run with one PYTHONHASHSEED: graph/modularity's last bits depend on it (networkx sums
-    over sets of node names), so that two codes agree bit for bit where their arithmetic does."""
+    The children run with one PYTHONHASHSEED: graph/modularity's last bits depended on it before
+    ``newman_modularity`` (networkx sums over sets of node names), and an old code compared may still."""
     (first, reference), *others = [(code, runs[0]) for code, runs in results.items()]
     for code, rows in others:
         for a, b in zip(reference, rows):

@@ -16,7 +16,8 @@ import torch
 from lib_lightning.core.metrics.sparsity import n_to_hold_sorted, sorted_descending
 from lib_lightning.core.validation import check_fraction, check_weights
 
-__all__ = ["Communities", "METHODS", "WEIGHTINGS", "find_communities", "interaction_graph", "log_cutoff"]
+__all__ = ["Communities", "METHODS", "WEIGHTINGS", "find_communities", "interaction_graph", "log_cutoff",
+           "newman_modularity"]
 
 WEIGHTINGS = ("log", "sqrt", "normalized")
 METHODS = ("louvain", "leiden")
@@ -186,8 +187,8 @@ def find_communities(
 ) -> Communities:
     """Cluster the graph and score the partition.
 
-    Q = Σ_c [W_in(c)/W − (vol(c)/2W)²] (networkx ``modularity`` with ``weight="weight"``, γ = 1, whatever
-    ``resolution`` the clustering used).
+    Q = Σ_c [W_in(c)/W − (vol(c)/2W)²] (:func:`newman_modularity`: networkx's ``modularity`` with
+    ``weight="weight"``, γ = 1, whatever ``resolution`` the clustering used, summed in the graph's order).
 
     Args:
         graph: an undirected graph with ``weight`` edge attributes (see :func:`interaction_graph`).
@@ -223,7 +224,7 @@ def find_communities(
                     f"method='leiden' needs a networkx backend implementing leiden_communities; networkx "
                     f"{nx.__version__} alone has none ({err}). Use method='louvain', or install such a backend."
                 ) from err
-        q = float(nx.community.modularity(graph, parts, weight="weight", resolution=1))
+        q = newman_modularity(graph, parts)
     position = {node: i for i, node in enumerate(graph.nodes)}
     ordered = sorted((frozenset(p) for p in parts), key=lambda c: (-len(c), min(position[n] for n in c)))
     index_of = {node: index for index, c in enumerate(ordered) for node in c}
@@ -235,6 +236,28 @@ def find_communities(
         n_nonsingleton=sum(len(c) >= 2 for c in ordered),
         membership=membership,
     )
+
+
+def newman_modularity(graph: nx.Graph, parts) -> float:
+    """Q = Σ_c [W_in(c)/W − (vol(c)/2W)²] of a partition ``parts`` (sets of nodes) of an undirected graph
+    with ``weight`` edge attributes (default 1): networkx's ``modularity(graph, parts, weight="weight",
+    resolution=1)``, summed over the edges in the graph's own order. networkx sums each community over a
+    set of its nodes, whose order follows the hash of the node names (a tuple holding a string here), so
+    its last bits changed with PYTHONHASHSEED from one process to the next; these do not (tested against
+    networkx to 1e-12 and across hash seeds). A self-loop counts once in W_in(c) and twice in vol(c), as
+    in networkx."""
+    community = {node: c for c, part in enumerate(parts) for node in part}
+    inside, volume, total = [0.0] * len(parts), [0.0] * len(parts), 0.0
+    for u, v, w in graph.edges(data="weight", default=1):
+        cu, cv = community[u], community[v]
+        total += w
+        volume[cu] += w
+        volume[cv] += w
+        if cu == cv:
+            inside[cu] += w
+    if total == 0:
+        return 0.0
+    return sum(w_in / total - (vol / (2 * total)) ** 2 for w_in, vol in zip(inside, volume))
 
 
 def _in_graph_order(community: frozenset, membership: dict) -> list:

@@ -1,11 +1,15 @@
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import networkx as nx
 import pytest
 import torch
 
-from lib_lightning.core.metrics.modularity import find_communities, interaction_graph, log_cutoff
+from lib_lightning.core.metrics.modularity import find_communities, interaction_graph, log_cutoff, newman_modularity
 
 
 def _section(inner: list[list[float]], fill: float = 1e3) -> torch.Tensor:
@@ -172,3 +176,43 @@ def test_exclude_constant_per_layer_keeps_an_uncentred_layers_feature_zero():
     assert all(node != ("b", 0) for edge in graph.edges for node in edge)
     with pytest.raises(ValueError, match=r"exclude_constant must be a bool or 2 bools \(one per layer\)"):
         interaction_graph([E_AB], ["a", "b"], exclude_constant=[True])
+
+
+def _random_graph(seed: int = 0, layers: int = 4, width: int = 16) -> nx.Graph:
+    """Features of consecutive layers joined by random weights; nodes named like the interaction graph's
+    (a tuple holding a string, whose hash changes with PYTHONHASHSEED), plus one self-loop."""
+    gen = torch.Generator().manual_seed(seed)
+    graph = nx.Graph()
+    for layer in range(layers - 1):
+        weights = torch.rand(width, width, generator=gen, dtype=torch.float64) ** 3
+        for i in range(width):
+            for j in range(width):
+                if weights[i, j] > 0.05:
+                    graph.add_edge((f"layer{layer}", i), (f"layer{layer + 1}", j), weight=float(weights[i, j]))
+    graph.add_edge(("layer0", 0), ("layer0", 0), weight=0.7)
+    return graph
+
+
+def test_newman_modularity_is_networkx_s():
+    for seed in range(3):
+        graph = _random_graph(seed)
+        nodes = list(graph.nodes)
+        for parts in (nx.community.louvain_communities(graph, weight="weight", seed=seed),
+                      [set(nodes[: len(nodes) // 3]), set(nodes[len(nodes) // 3:])], [set(nodes)]):
+            want = nx.community.modularity(graph, parts, weight="weight", resolution=1)
+            assert newman_modularity(graph, parts) == pytest.approx(want, rel=1e-12, abs=1e-13)  # Q is O(1)
+
+
+def test_modularity_has_the_same_bits_whatever_the_hash_seed():
+    """The score was summed by networkx over sets of node names, in their hash order: its last bits
+    changed from one process to the next. Two processes with different PYTHONHASHSEED now agree exactly."""
+    code = ("from tests.core.metrics.test_modularity import _random_graph; "
+            "from lib_lightning.core.metrics.modularity import find_communities; "
+            "print(repr(find_communities(_random_graph(1, layers=6, width=24)).modularity))")
+    root = Path(__file__).resolve().parents[3]
+    values = set()
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(root)}
+        out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True)
+        values.add(out.stdout.strip())
+    assert len(values) == 1, values
