@@ -20,17 +20,16 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks._analysis_set import AnalysisSet
+from callbacks._cofiring import Cofiring
 from callbacks._lib_logging import AnalysisLogging, PhaseTimes
 from callbacks._tensorboard import write_overview
 from lib_lightning.core.lib import KINDS, build_graphs
-from lib_lightning.core.lib import batch as nested
 from lib_lightning.core.lib.capture import NodeLayer, default_forward, resolve_modules
 from lib_lightning.core.lib.integration import integration_rule
 from lib_lightning.core.lib.memory import MEMORY_BUDGET
 from lib_lightning.core.lib.modes import analysis_mode
 from lib_lightning.core.lib.passes import NonFiniteActivations
-from lib_lightning.core.metrics.coactivation import CoactivationSums
-from lib_lightning.core.metrics.summary import Snapshot, SummaryOptions, short_names, summarise
+from lib_lightning.core.metrics.summary import Snapshot, SummaryOptions, summarise
 from lib_lightning.core.validation import check_at_least, check_choice, check_choices
 from lib_lightning.runtime import default_batch_inputs, import_callable, num_threads, preserved_rng, starts_fresh
 
@@ -271,7 +270,7 @@ class LIBAnalysis(AnalysisSet, AnalysisLogging, Callback):
         # any rank saw a NaN: the structural checks' first batch here, any batch in the statistics pass.
         batches, index, finite = self._prepare(trainer, pl_module, reduce)
         phases = PhaseTimes()
-        cofiring = _Cofiring(self.relu_layers, batches, index, self.seed)
+        cofiring = Cofiring(self.relu_layers, batches, index, self.seed)
         graphs = self._build(pl_module, batches, reduce, phases, cofiring) if finite else None
         if graphs is None:
             self.skipped += 1
@@ -312,23 +311,3 @@ class LIBAnalysis(AnalysisSet, AnalysisLogging, Callback):
             )  # fmt: skip
         except NonFiniteActivations:
             return None
-
-
-class _Cofiring:
-    """The ReLU co-firing counts of the callback's ``relu_layers``, summed batch by batch as the build's
-    statistics pass reads them (no forward of their own), then reduced across ranks."""
-
-    def __init__(self, layers: Sequence[NodeLayer], batches: list, index: torch.Tensor, seed: int) -> None:
-        self.layers, self.index, self.sums = layers, index, CoactivationSums(len(layers), seed)
-        self.offsets = np.cumsum([0] + [nested.batch_size(b) for b in batches]).tolist()  # batch b: offsets[b:b+2]
-
-    def update(self, b: int, acts: list[torch.Tensor]) -> None:
-        self.sums.update(acts, self.index[self.offsets[b] : self.offsets[b + 1]])
-
-    def metrics(self, device: torch.device, reduce) -> dict[str, float]:
-        if not self.layers:
-            return {}
-        groups = self.sums.groups(device, reduce)
-        names = short_names([layer.name for layer in self.layers])
-        keys = ("n_dead", "n_always", "n_groups", "n_redundant", "largest_group")
-        return {f"relu/{name}/{key}": float(getattr(g, key)) for name, g in zip(names, groups) for key in keys}

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
+from callbacks._llc_args import check_sections, check_splits, val_loader
 from callbacks._tensorboard import write_overview
 from lib_lightning.core import batch as nested
 from lib_lightning.core.llc import SAMPLERS, HealthLimits, default_nbeta, estimate_llc, select_params
@@ -30,9 +31,6 @@ from lib_lightning.plotting import plot_traces
 __all__ = ["LLCCallback"]
 
 _SCHEDULES = ("log", "every")
-_SPLITS = ("train", "val")
-_RESERVED = ("mean", "std", "init_loss", "diverged_chains", "below_init_chains", "failed", "traces", "acceptance",
-             "grad_norm", "loc_norm", "noise_norm", "trending_chains", "healthy", "seconds")
 
 
 class LLCCallback(Callback):
@@ -126,8 +124,8 @@ class LLCCallback(Callback):
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         self.limits = HealthLimits(min_acceptance=min_acceptance, max_trend=max_trend)
         self._sections_from_lib = sections == "lib"
-        self.sections = {} if self._sections_from_lib else _check_sections(sections)
-        self.splits = _check_splits(splits)
+        self.sections = {} if self._sections_from_lib else check_sections(sections)
+        self.splits = check_splits(splits)
         self.schedule, self.num_points, self.first_step, self.max_steps = schedule, num_points, first_step, max_steps
         self.every_n_steps = every_n_steps
         self.num_chains, self.num_draws, self.num_burnin = num_chains, num_draws, num_burnin
@@ -277,7 +275,7 @@ class LLCCallback(Callback):
             data = tuple(getattr(datamodule, f"{split}_tensors"))
         else:
             # Iterating a shuffling loader draws from the global RNG: fork it so training is unaffected.
-            loader = trainer.train_dataloader if split == "train" else _val_loader(trainer)
+            loader = trainer.train_dataloader if split == "train" else val_loader(trainer)
             batches = []
             with torch.random.fork_rng(devices=[]):
                 for batch in loader:
@@ -301,39 +299,6 @@ class LLCCallback(Callback):
         self.history = [tuple(h) for h in state_dict.get("history", [])]
         self.refined_history = [tuple(h) for h in state_dict.get("refined_history", [])]
         self.last_step = state_dict.get("last_step", -1)
-
-
-def _check_sections(sections: Mapping[str, Sequence[str]] | None) -> dict[str, tuple[str, ...]]:
-    if sections is None:
-        return {}
-    if not isinstance(sections, Mapping):
-        raise ValueError(f"sections must map names to parameter patterns, or be 'lib', got {sections!r}")
-    checked = {}
-    for name, patterns in sections.items():
-        if not name or "/" in name or name in _SPLITS or name in _RESERVED:
-            raise ValueError(f"section name {name!r} is not allowed: use a non-empty name without '/' that is "
-                             f"not a split {_SPLITS} or a logged quantity {_RESERVED}")
-        if isinstance(patterns, str) or len(patterns) == 0:
-            raise ValueError(f"section {name!r} needs a non-empty list of parameter names or patterns, got {patterns!r}")
-        checked[name] = tuple(patterns)
-    return checked
-
-
-def _check_splits(splits: Sequence[str]) -> tuple[str, ...]:
-    splits = (splits,) if isinstance(splits, str) else tuple(splits)
-    bad = [s for s in splits if s not in _SPLITS]
-    if bad or not splits or len(set(splits)) != len(splits):
-        raise ValueError(f"splits must be distinct values from {_SPLITS}, got {list(splits)}")
-    return splits
-
-
-def _val_loader(trainer):
-    loaders = trainer.val_dataloaders
-    if loaders is None and trainer.datamodule is not None:
-        loaders = trainer.datamodule.val_dataloader()
-    if loaders is None:
-        raise ValueError("splits includes 'val' but the run has no validation data (no val_tensors, no val loader)")
-    return loaders[0] if isinstance(loaders, (list, tuple)) else loaders
 
 
 def _label(name: str) -> str:
