@@ -17,9 +17,9 @@ is checked is the quantity used, not a property of the model.
 The one example's rows are taken several per autograd call (batched through vmap): as many rows per call
 as the per-example path takes example-rows (the chunk's examples × ``rows_per_call``), so no more memory
 per call, and every row of the usual chunks in one call: on CPU the training callback's unembedding (113
-rows) takes 2.7 ms instead of 11 ms one row at a time, with the same numbers; a section whose backward
-vmap cannot batch (an error from the batched call) takes them as the per-example path does. The probe stays one VJP per
-direction: its two directions batched were no faster on CPU (benchmarks/README.md).
+rows) takes 2.7 ms instead of 11 ms one row at a time, with the same numbers. A section whose backward
+vmap cannot batch (an error from the batched call) takes them as the per-example path does. The probe
+stays one VJP per direction: its two directions batched were no faster on CPU (benchmarks/README.md).
 
 The result keeps a batch dimension of 1, broadcast against the chunk's activations: M′ counts it once
 per example (``m_prime_update(g, repeat=batch)``) and the edges multiply the one J̄ C⁺ᵀ by each
@@ -91,22 +91,25 @@ def shared_jacobian(
     if batch < 2:
         return None
     rows = functools.partial(_RandomRows, seed, PROBE_DIRECTIONS)
-    if batch > PROBE_FIRST:  # most sections that are not shared differ already here, for a fraction of the cost
-        first = select_examples(inputs, slice(0, PROBE_FIRST))
-        acts = point_of(model, layer_in, first, forward, point)
-        if not same_for_every_example(integrated_vjps(model, layer_in, layer_out, first, acts, rule, forward, rows)[0], rtol):
-            return None
-    acts = point_of(model, layer_in, inputs, forward, point)
-    probe, _ = integrated_vjps(model, layer_in, layer_out, inputs, acts, rule, forward, rows)
-    if not same_for_every_example(probe, rtol):
+
+    def probed(examples: Any) -> tuple[torch.Tensor, bool]:
+        """The examples' point, and whether their probe VJPs all equal the first example's."""
+        acts = point_of(model, layer_in, examples, forward, point)
+        probe, _ = integrated_vjps(model, layer_in, layer_out, examples, acts, rule, forward, rows)
+        return acts, same_for_every_example(probe, rtol)
+
+    # most sections that are not shared differ among the first few examples already, for a fraction of the cost
+    if batch > PROBE_FIRST and not probed(select_examples(inputs, slice(0, PROBE_FIRST)))[1]:
+        return None
+    acts, shared = probed(inputs)
+    if not shared:
         return None
     one = select_examples(inputs, slice(0, 1))
-    per_call = acts.shape[0] * rows_per_call  # the example-rows of one call of the per-example path
     args = (model, layer_in, layer_out, one, rule, forward, point, out_basis, None)
-    try:
-        return acts, integrated_jacobian(*args, per_call)[1]
+    try:  # as many rows per call as the per-example path takes example-rows
+        return acts, integrated_jacobian(*args, batch * rows_per_call)[1]
     except RuntimeError as err:  # a backward that vmap cannot batch: the rows as the per-example path takes them
-        if per_call <= rows_per_call or isinstance(err, torch.OutOfMemoryError):
+        if isinstance(err, torch.OutOfMemoryError):
             raise
         return acts, integrated_jacobian(*args, rows_per_call)[1]
 
