@@ -76,7 +76,9 @@ def _masked_acts(feats: torch.Tensor, kept: list[torch.Tensor], directions: list
 
 
 def _augmented(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``(..., d + 1)`` in ``dtype``: :func:`lib_lightning.core.lib.stats.augment` of ``out`` ``(..., d)`` cast to ``dtype``, in one copy."""
+    """``(..., d + 1)`` in ``dtype``: :func:`lib_lightning.core.lib.stats.augment` of ``out`` ``(..., d)`` cast to
+    ``dtype``, in one copy. Written in place, so for these no-grad forwards only: ``augment`` itself stays
+    out of place, as the build's Jacobians differentiate (and vmap) through it."""
     aug = torch.empty(*out.shape[:-1], out.shape[-1] + 1, dtype=dtype, device=out.device)
     aug[..., :-1] = out
     aug[..., -1] = 1
