@@ -15,7 +15,6 @@ from dataclasses import asdict, is_dataclass
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 
 from lib_lightning.core.metrics.summary import spectrum
@@ -28,7 +27,7 @@ from lib_lightning.tensorboard import (
     summary_markdown,
 )
 
-__all__ = ["callback_settings", "image_summary", "log_lib_figures", "tensorboards", "write_overview", "write_text"]
+__all__ = ["callback_settings", "log_lib_figures", "tensorboards", "write_overview", "write_text"]
 
 def tensorboards(trainer: L.Trainer) -> list:
     """The trainer's loggers' SummaryWriters (anything with ``add_image`` and ``add_histogram``)."""
@@ -66,31 +65,8 @@ def log_lib_figures(writers: list, names: list[str], graphs, summary, step: int,
                     if lam.numel():
                         writer.add_histogram(f"{kind}/{name}/log10_lambda", torch.log10(lam.clamp_min(1e-30)), step)
         for tag, image in pictures.items():
-            _add_image(writer, tag, image, step)
+            writer.add_image(tag, image, step, dataformats="HWC")
         writer.add_text("lib/summary", text, step)
-
-
-def image_summary(tag: str, image: np.ndarray):
-    """The summary ``SummaryWriter.add_image(tag, image, dataformats="HWC")`` writes for an ``(H, W, 3)``
-    uint8 image, without its float32 round trip (a copy, a clip and a copy back, which leave uint8 values
-    as they are): the same bytes, 3 of the 23 ms of the interaction graph's summary (the PNG encoding is
-    the rest)."""
-    from torch.utils.tensorboard.summary import Summary, make_image
-
-    if image.dtype != np.uint8 or image.ndim != 3:
-        raise ValueError(f"image must be an (H, W, C) uint8 array, got {image.dtype} of shape {image.shape}")
-    return Summary(value=[Summary.Value(tag=tag, image=make_image(image))])
-
-
-def _add_image(writer: Any, tag: str, image: np.ndarray, step: int) -> None:
-    """``writer.add_image(tag, image, step, dataformats="HWC")``; for torch's SummaryWriter through
-    :func:`image_summary` (another writer, e.g. tensorboardX's, takes its own protobuf classes)."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    if isinstance(writer, SummaryWriter) and image.dtype == np.uint8:
-        writer._get_file_writer().add_summary(image_summary(tag, image), step)
-    else:
-        writer.add_image(tag, image, step, dataformats="HWC")
 
 
 # ---------------------------------------------------------------------------------------- the overview

@@ -173,38 +173,6 @@ def test_tensorboard_gets_scalars_histograms_images_and_text(tmp_path):
     assert image.encoded_image_string.startswith(b"\x89PNG") and image.width > image.height > 0
 
 
-def test_image_summary_is_what_add_image_writes():
-    import numpy as np
-    from torch.utils.tensorboard.summary import image
-
-    from callbacks._tensorboard import image_summary
-
-    pixels = np.random.default_rng(0).integers(0, 256, size=(7, 11, 3), dtype=np.uint8)
-    pixels[0, 0], pixels[0, 1] = 0, 255  # the ends of the range, which a float round trip could move
-    ours = image_summary("lib/spectra", pixels)
-    assert ours.SerializeToString() == image("lib/spectra", pixels, dataformats="HWC").SerializeToString()
-    with pytest.raises(ValueError, match=r"image must be an \(H, W, C\) uint8 array, got float32 of shape \(7, 11, 3\)"):
-        image_summary("x", pixels.astype(np.float32))
-
-
-def test_a_writer_other_than_torch_s_gets_add_image():
-    """tensorboardX's SummaryWriter (what Lightning uses without tensorboard) has its own protobuf classes."""
-    import numpy as np
-
-    from callbacks._tensorboard import _add_image
-
-    class Writer:
-        def __init__(self):
-            self.calls = []
-
-        def add_image(self, *args, **kwargs):
-            self.calls.append((args, kwargs))
-
-    writer, pixels = Writer(), np.zeros((2, 3, 3), dtype=np.uint8)
-    _add_image(writer, "lib/spectra", pixels, 4)
-    assert writer.calls == [(("lib/spectra", pixels, 4), {"dataformats": "HWC"})]
-
-
 def test_two_process_ddp_gives_the_same_graphs_as_one_process(tmp_path):
     """Two gloo processes, each with its own shard (rank::2), sums reduced by the strategy.
 
