@@ -110,16 +110,20 @@ def _fixed_layout(fig: Figure, axes: Sequence[Any], names: list[str], title: str
         return _text_inches(renderer, text, rcParams[key], inch)
 
     tick_w = max(size(tick, "ytick.labelsize")[0] for tick in y_ticks)
-    ticks = tick_w + (rcParams["ytick.major.size"] + rcParams["ytick.major.pad"]) * pt
+    def tick_room(axis: str) -> float:  # a tick and its pad, in inches
+        return (rcParams[f"{axis}tick.major.size"] + rcParams[f"{axis}tick.major.pad"]) * pt
+
+    ticks = tick_w + tick_room("y")
     label = size("lp", "axes.labelsize")[1] + rcParams["axes.labelpad"] * pt
     left = edge + label + ticks
     right = edge + size("00", "xtick.labelsize")[0]  # half the last rank's label may stick out
     gap = ticks + 0.15
-    bottom = edge + label + size("lp", "xtick.labelsize")[1] + (rcParams["xtick.major.size"] + rcParams["xtick.major.pad"]) * pt
+    bottom = edge + label + size("lp", "xtick.labelsize")[1] + tick_room("x")
     panel = (width - left - right - gap * (len(axes) - 1)) / len(axes)
     title_h = 0.0
     for ax, name in zip(axes, names):
-        ax.set_title(_wrapped(renderer, name, rcParams["axes.titlesize"], panel, inch), y=1.0)  # no automatic placement: it measures every tick label
+        # y=1.0: no automatic placement, which measures every tick label
+        ax.set_title(_wrapped(renderer, name, rcParams["axes.titlesize"], panel, inch), y=1.0)
         title_h = max(title_h, ax.title.get_window_extent(renderer).height / inch)
     top = edge + title_h + rcParams["axes.titlepad"] * pt
     if title:
