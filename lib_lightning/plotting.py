@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib import rcParams
 from matplotlib.font_manager import FontProperties
-from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter, NullLocator
 
 from lib_lightning.core.llc import LLCCalibration, LLCEstimate
 from lib_lightning.core.summary import short_names
@@ -82,15 +82,17 @@ def plot_spectra(spectra: Mapping[str, Mapping[str, torch.Tensor]], title: str =
 
 
 def _plain_decades(ax: Any, lowest: float) -> int:
-    """Decade tick labels as plain text (``1e-4``, no mathtext) and no minor labels on a panel whose
+    """Decade tick labels as plain text (``1e-4``, no mathtext) and no minor ticks on a panel whose
     smallest ratio is ``lowest``; returns the whole decades below 1 it spans.
 
     Under one decade matplotlib's own labels stay: they label the minor ticks, the only ones in view.
+    Over more, the minor ticks (8 a decade, unlabelled) are left out: making their tick objects was 0.09 s
+    of the 0.15 s drawing of the LIB callback's spectra in mid-training, when they span up to 12 decades.
     """
     decades = int(np.floor(-np.log10(lowest))) if lowest > 0 else 0
     if decades >= 1:
         ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"1e{round(np.log10(y)):d}"))
-        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_minor_locator(NullLocator())
     return decades
 
 
