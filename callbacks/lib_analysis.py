@@ -81,7 +81,9 @@ class LIBAnalysis(AnalysisSet, AnalysisLogging, Callback):
         context_inputs: keys (dict inputs) or indices (tuple inputs) of per-example side inputs that
             the cut check holds fixed per example; default: keys containing ``mask``, ``position_ids``,
             ``token_type_ids`` or ``cache_position`` (see :func:`lib_lightning.core.lib.build_graphs`).
-        threads: torch threads during the analysis (default: unchanged).
+        threads: torch threads during the analysis (default: unchanged). Its large temporaries are
+            page-faulted in again at every analysis unless the process keeps freed memory
+            (:func:`lib_lightning.runtime.keep_freed_memory`, 10-15 % of the main job's builds).
         name: distinguishes several instances in checkpoints (default: derived from the arguments).
 
     Raises:

@@ -36,6 +36,7 @@ BAD = {
     "kinds": (lambda c: _lib(c).update(kinds=["foo"]), ValueError, r"unknown basis kind\(s\) \['foo'\]; valid choices"),
     "dtype": (lambda c: _lib(c).update(dtype="float16"), ValueError, "dtype must be one of .*got 'float16'"),
     "p": (lambda c: c["model"]["init_args"].update(p=1), ValueError, "p must be >= 2, got p=1"),
+    "keep_freed_mb": (lambda c: c.update(keep_freed_mb=0), ValueError, r"keep_freed_mb must be an int in 1 \.\. 2047 \(MiB\), got 0"),
 }
 
 
