@@ -110,6 +110,10 @@ def _phases_child(config_path: str, ckpt: str, out: str, analyses: int) -> None:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     config = yaml.safe_load(Path(config_path).read_text())
+    if config.get("keep_freed_mb") is not None:  # as the CLI does for the main job
+        from lib_lightning.runtime import keep_freed_memory
+
+        keep_freed_memory(config["keep_freed_mb"])
     (spec,) = [c for c in config["trainer"]["callbacks"] if c["class_path"] == ANALYSIS_CALLBACKS[0]]
     seconds: dict[str, float] = {}
     for module_name, owner, name in _PARTS:
@@ -163,7 +167,8 @@ def _phases(args, codes: dict[str, str]) -> None:
                 out = Path(tmp) / f"phases_{r}_{len(results[code])}_{abs(hash(code))}.json"
                 threads = ["--threads", str(args.threads)] if args.threads else []
                 env = {**os.environ, "PYTHONPATH": code_dir, "PYTHONHASHSEED": "0"}
-                subprocess.run([sys.executable, __file__, "--phases", args.phases, "--phases-child", args.config, str(out),
+                config = args.config or str(Path(code_dir) / "configs" / "modadd.yaml")
+                subprocess.run([sys.executable, __file__, "--phases", args.phases, "--phases-child", config, str(out),
                                 "--analyses", str(args.analyses), *threads], cwd=tmp, check=True, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 results[code].append(json.loads(Path(out).read_text()))
@@ -252,7 +257,8 @@ def _report(results: dict[str, list[dict]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(ROOT / "configs" / "modadd.yaml"))
+    parser.add_argument("--config", default=None,
+                        help="the main job's config (default: each code's own configs/modadd.yaml)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads of each run (default: torch's)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -278,14 +284,17 @@ def main() -> None:
     if args.phases:
         _phases(args, codes)
         return
-    config = yaml.safe_load(Path(args.config).read_text())
     with tempfile.TemporaryDirectory() as tmp:
-        variants = _configs(config, args.variants, args.max_steps, Path(tmp))
-        results: dict[str, list[dict]] = {code + name: [] for name in variants for code in codes}
+        variants = {}  # per code: its own config (as README command 1 runs it), unless --config names one
+        for i, (code, code_dir) in enumerate(codes.items()):
+            config = yaml.safe_load(Path(args.config or Path(code_dir) / "configs" / "modadd.yaml").read_text())
+            (Path(tmp) / str(i)).mkdir()
+            variants[code] = _configs(config, args.variants, args.max_steps, Path(tmp) / str(i))
+        results: dict[str, list[dict]] = {code + name: [] for name in args.variants for code in codes}
         for r in range(args.repeats):
-            for name, path in variants.items():
+            for name in args.variants:
                 for code, code_dir in codes.items():
-                    label = code + name
+                    path, label = variants[code][name], code + name
                     tag = f"{r}_{len(results[label])}_{abs(hash(label))}"
                     out, workdir = Path(tmp) / f"out_{tag}.json", Path(tmp) / f"run_{tag}"
                     workdir.mkdir()
