@@ -1,6 +1,7 @@
 """Runtime helpers shared by the callbacks: callables named in YAML, blocks that leave the training run's
 RNG state and thread count as they found them, the start-of-training rule of every schedule, writes that
-a full disk cannot turn into a crash, and the warning for an analysis set larger than its data."""
+a full disk cannot turn into a crash, the warning for an analysis set larger than its data, and the
+process setting that keeps freed memory (:func:`keep_freed_memory`, for a program's entry point)."""
 
 from __future__ import annotations
 

@@ -61,8 +61,8 @@ def _losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
     log Σ exp(x − max) − (x_y − max)) in fewer passes over the rows: the maximum and its index once, in
     the logits' own dtype (their conversion to float64 is exact and keeps their order, ties included), and
     no log-softmax of every class written out. The losses differ from it only in the last bits (the
-    exponentials summed in another order): 0.7 against 1.0 ms per 2,048 rows of 113 float32 logits, one
-    thread (``benchmarks/losses.py``)."""
+    exponentials summed in another order): 0.8 against 1.0-1.9 ms per 2,048 rows of 113 float32 logits,
+    one thread (``benchmarks/losses.py``)."""
     top, predicted = logits.max(-1)
     shifted = logits.to(torch.float64, copy=True).sub_(top.unsqueeze(-1).to(torch.float64))  # exact for float32
     picked = shifted.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
