@@ -159,7 +159,13 @@ def _phases_child(config_path: str, ckpt: str, out: str, analyses: int) -> None:
     Path(out).write_text(json.dumps(rows))
 
 
+def _config_path(args, code_dir: str) -> Path:
+    """``--config``, or the code's own ``configs/modadd.yaml`` (as README command 1 runs that code)."""
+    return Path(args.config) if args.config else Path(code_dir) / "configs" / "modadd.yaml"
+
+
 def _phases(args, codes: dict[str, str]) -> None:
+    ckpt = str(Path(args.phases).resolve())  # the children run in a temporary folder
     results: dict[str, list[list[dict]]] = {code: [] for code in codes}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
@@ -167,8 +173,8 @@ def _phases(args, codes: dict[str, str]) -> None:
                 out = Path(tmp) / f"phases_{r}_{len(results[code])}_{abs(hash(code))}.json"
                 threads = ["--threads", str(args.threads)] if args.threads else []
                 env = {**os.environ, "PYTHONPATH": code_dir, "PYTHONHASHSEED": "0"}
-                config = args.config or str(Path(code_dir) / "configs" / "modadd.yaml")
-                subprocess.run([sys.executable, __file__, "--phases", args.phases, "--phases-child", config, str(out),
+                subprocess.run([sys.executable, __file__, "--phases", ckpt, "--phases-child",
+                                str(_config_path(args, code_dir)), str(out),
                                 "--analyses", str(args.analyses), *threads], cwd=tmp, check=True, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 results[code].append(json.loads(Path(out).read_text()))
@@ -285,9 +291,9 @@ def main() -> None:
         _phases(args, codes)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        variants = {}  # per code: its own config (as README command 1 runs it), unless --config names one
+        variants = {}  # per code, from its config (_config_path)
         for i, (code, code_dir) in enumerate(codes.items()):
-            config = yaml.safe_load(Path(args.config or Path(code_dir) / "configs" / "modadd.yaml").read_text())
+            config = yaml.safe_load(_config_path(args, code_dir).read_text())
             (Path(tmp) / str(i)).mkdir()
             variants[code] = _configs(config, args.variants, args.max_steps, Path(tmp) / str(i))
         results: dict[str, list[dict]] = {code + name: [] for name in args.variants for code in codes}
