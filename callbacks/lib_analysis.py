@@ -69,7 +69,7 @@ class LIBAnalysis(AnalysisSet, AnalysisLogging, Callback):
         images, histograms, save: TensorBoard figures, log-Lambda histograms, and analyses on disk (a write
             that fails, e.g. on a full disk, is warned about once, counted in ``lib/save_errors`` and skipped).
         figures_every: draw the images and histograms at the first analysis and then every this many
-            analyses (scalars, text and files at every one): drawing them is about a quarter of an
+            analyses (scalars, text and files at every one): drawing them is about a third of an
             analysis of the main job that draws them (README).
         dtype: ``"float64"`` (exact) or ``"float32"`` (about 2× faster Jacobians; sums stay float64).
         chunk_size, cache_mb: Jacobian chunk size and cache budget (memory bounds).

@@ -86,8 +86,8 @@ def _plain_decades(ax: Any, lowest: float) -> int:
     smallest ratio is ``lowest``; returns the whole decades below 1 it spans.
 
     Under one decade matplotlib's own labels stay: they label the minor ticks, the only ones in view.
-    Over more, the minor ticks (8 a decade, unlabelled) are left out: making their tick objects was 0.09 s
-    of the 0.15 s drawing of the LIB callback's spectra in mid-training, when they span up to 12 decades.
+    Over more, the minor ticks (8 a decade, unlabelled, about 30 a panel when the spectra span 12 decades
+    in mid-training) are left out: rendering the LIB callback's spectra at step 500 took 0.10 instead of 0.13 s.
     """
     decades = int(np.floor(-np.log10(lowest))) if lowest > 0 else 0
     if decades >= 1:

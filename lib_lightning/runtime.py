@@ -127,10 +127,10 @@ def _glibc_mallopt() -> Any:
     """glibc's ``mallopt``, or None where the C library is another one."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version  # glibc only: musl also has a mallopt, which does nothing
-        return libc.mallopt
-    except (OSError, AttributeError):
+    except OSError:
         return None
+    # glibc only: musl also has a mallopt, which does nothing
+    return libc.mallopt if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
 
 
 def oversize_message(size: int, available: int, what: str) -> str:
