@@ -9,12 +9,16 @@ best ratio any implementation could reach if everything else cost nothing:
   every held-out example. ``--code DIR`` also runs ``analyze`` on the code in DIR (e.g. main before issue
   16), one after the other, for the old phase times; the node phase also times its loss and accuracy
   reductions of the logits (one per evaluated row, in float64), which every implementation needs too.
+  ``--free-linear model.attn.q,model.attn.k,model.attn.v,model.mlp_in`` times the new code as if those
+  ``nn.Linear`` layers' outputs cost nothing in its stacked forwards (zeros; wrong numbers, timing only): the
+  ceiling of any scheme that makes them without computing them.
 - ``build``: the exact float64 LIB build of ``lib_build.py`` (``ours-recon``) and its reference, alternating;
   the time inside ``torch.autograd.grad`` (one VJP per kept feature and chunk, the affine sections
   already at one example per chunk) and the edges phase (every example's attributions, matrix products).
 
     python benchmarks/floors.py ablation --ckpt checkpoints/modadd/version_0/checkpoints/last.ckpt --code /tmp/old
     python benchmarks/floors.py ablation --nodes-only --repeats 3 --ckpt ... --code /tmp/old   # the node phase alone
+    python benchmarks/floors.py ablation --nodes-only --repeats 3 --ckpt ... --code /tmp/old --free-linear NAMES
     python benchmarks/floors.py build --repeats 3
 """
 
@@ -73,9 +77,44 @@ def _analyze_child(ckpt: str, out: str, result: str, *extra: str) -> None:
     for name in ("node_ablation", "edge_ablation"):
         phase = name.replace("_", " ")
         setattr(analyze, name, reductions.labelled(phase, timer.labelled(phase, getattr(analyze, name))))
+    free = [name for name in os.environ.get("FLOORS_FREE_LINEAR", "").split(",") if name]
+    if free:
+        _free_linear(analyze, sections, free)
     metrics = analyze.main(["--ckpt", ckpt, "--out", out, "--threads", "1", "--no-progress", *extra])
     Path(result).write_text(json.dumps({"timings": metrics["timings_s"], "forwards": timer.seconds,
                                         "reductions": reductions.seconds}))
+
+
+def _free_linear(analyze, sections, names: list[str], min_rows: int = 1000) -> None:
+    """A ceiling, for timing only (the numbers it computes are wrong): the named ``nn.Linear`` modules return
+    zeros of their output's shape, without computing, inside the stacked forwards of at least ``min_rows``
+    rows (above every probe's), so the node phase costs what it would if those layers' outputs were free.
+    Any scheme that produces them another way (from running sums over the ks, say) costs at least this."""
+    on = {"rows": 0}
+    stacked = sections.Section._stacked
+
+    def counted(self, inputs, acts, c):
+        on["rows"] = acts.shape[0]
+        try:
+            return stacked(self, inputs, acts, c)
+        finally:
+            on["rows"] = 0
+
+    sections.Section._stacked = counted
+    node_ablation = analyze.node_ablation
+
+    def patched(task, *args, **kwargs):
+        for name in names:
+            module = task.get_submodule(name)
+            own = module.forward
+
+            def forward(x, module=module, own=own):
+                return x.new_zeros(*x.shape[:-1], module.out_features) if on["rows"] >= min_rows else own(x)
+
+            module.forward = forward
+        return node_ablation(task, *args, **kwargs)
+
+    analyze.node_ablation = patched
 
 
 def _ablation(args) -> None:
@@ -86,7 +125,8 @@ def _ablation(args) -> None:
             for code in (["old"] if args.code else []) + ["new"]:
                 out, result = Path(tmp) / f"{code}{r}", Path(tmp) / f"{code}{r}.json"
                 env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0",
-                       "PYTHONPATH": str(ROOT) if code == "new" else args.code}
+                       "PYTHONPATH": str(ROOT) if code == "new" else args.code,
+                       "FLOORS_FREE_LINEAR": args.free_linear if code == "new" else ""}
                 extra = ["--no-edge-ablation"] if args.nodes_only else []
                 if code == "new":
                     cmd = [sys.executable, __file__, "ablation-child", ckpt, str(out), str(result), *extra]
@@ -101,6 +141,8 @@ def _ablation(args) -> None:
                     runs[code].append({"timings": json.loads((out / "metrics.json").read_text())["timings_s"]})
                 print(f"{code} run {r}: {runs[code][-1]} load {os.getloadavg()}", flush=True)
     print(f"\nanalyze --threads 1 on {args.ckpt}, medians of {args.repeats} (load {os.getloadavg()})\n")
+    if args.free_linear:
+        print(f"new: with {args.free_linear} free in the stacked forwards (a timing ceiling; its numbers are wrong)\n")
     print("| phase | old s | new s | ratio | new: in Section.run s | floor ratio (old / Section.run) "
           "| new: loss and accuracy reductions s | old / (Section.run + reductions) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -164,6 +206,9 @@ def main() -> None:
     ablation.add_argument("--code", default=None, help="a tree with the old code, run alternating with this one")
     ablation.add_argument("--repeats", type=int, default=1)
     ablation.add_argument("--nodes-only", action="store_true", help="analyze --no-edge-ablation: the node phase alone")
+    ablation.add_argument("--free-linear", default="", metavar="NAMES",
+                          help="comma-separated nn.Linear modules whose outputs cost nothing in the new code's stacked "
+                               "forwards (a timing ceiling only: its numbers are wrong)")
     build = sub.add_parser("build")
     build.add_argument("--ckpt", default=None)
     build.add_argument("--n", type=int, default=3830)

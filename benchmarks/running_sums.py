@@ -2,6 +2,13 @@
 the copies f C_k C⁺ of one stacked forward (``ablation._projections``) and the affine rest's logits
 (``AffineMap.prefixes``), on random features of the main job's sizes; three alternating rounds.
 
+Last, the idea measured and not taken in the sixth round (``benchmarks/README.md``): the rest's first
+``nn.Linear`` layers (q, k and v after resid_pre, the MLP's first layer after resid_mid) read x_k's rows
+directly, so their outputs b + Σ_{i<k} f_i (D_i Wᵀ) could be running sums over the ks too, instead of the
+layers computing x_k Wᵀ for every k. Timed per stacked forward: the layers themselves against those
+outputs accumulated in float32 (one ``addmm`` per k and layer, written in place) and in float64 next to
+the copies, rounded once (``_projections`` with the extra columns, as the attempt did).
+
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/running_sums.py
 """
 
@@ -67,6 +74,54 @@ def main() -> None:
         before.append(median_ms(lambda: [affine(feats, k).sum() for k in ks], 5))
         after.append(median_ms(lambda: [out.sum() for out in affine.prefixes(feats, ks)], 5))
     print(f"affine rest, {len(ks)} ks x {batch} examples: one contraction per k {spread(before)}, running sum {spread(after)}")
+    linear_readers()
+
+
+def linear_readers() -> None:
+    """Per stacked forward: the rest's first Linear layers against their outputs as running sums over the ks."""
+    for name, d_lib, pos, widths, query in (("resid_pre: q, k, v", 115, 3, (128, 128, 128), True),
+                                             ("resid_mid: the MLP's first layer", 127, 1, (512,), False)):
+        ks = [k for k in ablation_schedule(d_lib) if k < d_lib]
+        e, d = max(1, 2048 // len(ks)), 128
+        feats = torch.randn(e, pos, d_lib, dtype=torch.float64)
+        directions = torch.randn(d_lib, d, dtype=torch.float64)
+        weights = [torch.randn(w, d) / d**0.5 for w in widths]
+        biases = [torch.randn(w) for w in widths]
+        acts = _projections(feats, directions, ks, torch.float32)  # (c * e, pos, d): what the layers read
+        f32 = feats.reshape(e * pos, d_lib).float()
+        grams = [(directions @ w.double().T).float() for w in weights]  # D Wᵀ
+        outs = [torch.empty(len(ks), e * pos, w) for w in widths]
+        right = torch.cat([directions] + [directions @ w.double().T for w in weights], dim=1)  # [D | D Wᵀ ...]
+
+        def layers():
+            for n, (w, b) in enumerate(zip(weights, biases)):
+                torch.nn.functional.linear(acts[:, -1:] if query and n == 0 else acts, w, b)
+
+        def float32_sums():
+            for g, b, out in zip(grams, biases, outs):
+                prev, done = b.expand(e * pos, -1), 0
+                for j, k in enumerate(ks):
+                    if k > done:
+                        torch.addmm(prev, f32[:, done:k], g[done:k], out=out[j])
+                        done = k
+                    else:
+                        out[j].copy_(prev)
+                    prev = out[j]
+
+        def float64_sums():  # the copies and the layers' outputs as one running sum, rounded once
+            return _projections(feats, right, ks, torch.float32)
+
+        def copies_alone():
+            return _projections(feats, directions, ks, torch.float32)
+
+        rounds = {"layers": [], "float32 sums": [], "float64 sums with the copies": [], "the copies alone": []}
+        for _ in range(3):
+            rounds["layers"].append(median_ms(layers, 30))
+            rounds["float32 sums"].append(median_ms(float32_sums, 30))
+            rounds["float64 sums with the copies"].append(median_ms(float64_sums, 30))
+            rounds["the copies alone"].append(median_ms(copies_alone, 30))
+        print(f"Linear readers, {name}, {len(ks)} ks x {e} examples: "
+              + ", ".join(f"{k} {spread(v)}" for k, v in rounds.items()))
 
 
 if __name__ == "__main__":
