@@ -106,6 +106,8 @@ def _free_linear(analyze, sections, names: list[str], min_rows: int = 1000) -> N
     def patched(task, *args, **kwargs):
         for name in names:
             module = task.get_submodule(name)
+            if "forward" in module.__dict__:  # patched at an earlier call (the LIB graph's, then PCA's)
+                continue
             own = module.forward
 
             def forward(x, module=module, own=own):

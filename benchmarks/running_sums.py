@@ -89,9 +89,10 @@ def linear_readers() -> None:
         biases = [torch.randn(w) for w in widths]
         acts = _projections(feats, directions, ks, torch.float32)  # (c * e, pos, d): what the layers read
         f32 = feats.reshape(e * pos, d_lib).float()
-        grams = [(directions @ w.double().T).float() for w in weights]  # D Wᵀ
+        products = [directions @ w.double().T for w in weights]  # D Wᵀ
+        grams = [g.float() for g in products]
         outs = [torch.empty(len(ks), e * pos, w) for w in widths]
-        right = torch.cat([directions] + [directions @ w.double().T for w in weights], dim=1)  # [D | D Wᵀ ...]
+        right = torch.cat([directions, *products], dim=1)  # [D | D Wᵀ ...]
 
         def layers():
             for n, (w, b) in enumerate(zip(weights, biases)):
